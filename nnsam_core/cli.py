@@ -1,0 +1,236 @@
+"""The ``nnsam`` command line. Every verb has --help; user errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+from .errors import NNSAMError
+
+EPILOG = "Slices are indices along the image's third axis (axial for an axial CT; Slicer's K)."
+
+
+def _add_progress(parser):
+    parser.add_argument("--progress", choices=("text", "json", "none"), default="text",
+                        help="text: a progress bar; json: one JSON object per line on stdout (for the Slicer module)")
+
+
+def _add_device(parser):
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                        help="auto picks CUDA, then MPS, then CPU (default: auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnsam", description="nnSAM: few-shot segmentation with nnU-Net v2 and a "
+                                     "frozen SAM encoder.", epilog=EPILOG)
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"nnsam {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+
+    train = verbs.add_parser("train", help="fine-tune a model on annotated slices and save a bundle",
+                             description="Fine-tune on the annotated slices of IMAGE (LABELS: label map or Slicer "
+                             ".seg.nrrd), or on an nnU-Net raw dataset (--dataset), and write a model bundle.",
+                             epilog=EPILOG)
+    train.add_argument("image", nargs="?", help="image file (NIfTI, NRRD, MHA, ...) or DICOM folder")
+    train.add_argument("labels", nargs="?", help="label map with the image's geometry, or a .seg.nrrd")
+    train.add_argument("-o", "--output", required=True, help="bundle folder to write")
+    train.add_argument("--dataset", help="train on all cases of this nnU-Net raw dataset folder instead")
+    train.add_argument("--slices", help="annotated slice indices, e.g. 12,40,77 (default: every slice with a label)")
+    train.add_argument("--class-names", help="names of label values 1..N, e.g. LV,RV,LA,RA,Myo")
+    train.add_argument("--encoder", choices=("litemedsam", "mobilesam"), default="litemedsam")
+    train.add_argument("--method", choices=("nnsam", "nnunet", "nnsam-random"), default="nnsam",
+                       help="nnsam; nnunet (no SAM branch, same pipeline); nnsam-random (random frozen encoder)")
+    train.add_argument("--preset", choices=("quick", "full"), default="quick",
+                       help="quick: 250 iterations; full: nnU-Net's 1000 epochs x 250 iterations")
+    train.add_argument("--iterations", type=int, help="override the preset's number of training iterations")
+    train.add_argument("--modality", default="CT", help="nnU-Net channel name deciding normalisation (CT, MR, ...)")
+    _add_device(train)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="continue a stopped training of the same bundle")
+    train.add_argument("--keep-work-dir", action="store_true", help="keep nnU-Net's working folder")
+    _add_progress(train)
+    train.set_defaults(func=_train)
+
+    predict = verbs.add_parser("predict", help="segment every slice of an image with a bundle",
+                               description="Segment every axial slice of IMAGE with BUNDLE; the label map keeps "
+                               "the image's size, spacing, origin and direction.")
+    predict.add_argument("bundle", help="bundle folder or .zip")
+    predict.add_argument("image", help="image file or DICOM folder")
+    predict.add_argument("-o", "--output", required=True, help="label map to write (.nii.gz, .nrrd, ...)")
+    _add_device(predict)
+    _add_progress(predict)
+    predict.set_defaults(func=_predict)
+
+    weights = verbs.add_parser("weights", help="encoder weights: status, download, import")
+    wverbs = weights.add_subparsers(dest="weights_verb", metavar="ACTION")
+    wverbs.required = True
+    status = wverbs.add_parser("status", help="which encoder weights are available")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=_weights_status)
+    imp = wverbs.add_parser("import", help="import a local weights file (offline sites)")
+    imp.add_argument("encoder", choices=("mobilesam",))
+    imp.add_argument("file")
+    imp.set_defaults(func=_weights_import)
+    down = wverbs.add_parser("download", help="download and verify weights into the cache")
+    down.add_argument("encoder", choices=("mobilesam",))
+    _add_progress(down)
+    down.set_defaults(func=_weights_download)
+
+    bundle = verbs.add_parser("bundle", help="bundles: info, export .zip, import .zip")
+    bverbs = bundle.add_subparsers(dest="bundle_verb", metavar="ACTION")
+    bverbs.required = True
+    info = bverbs.add_parser("info", help="check a bundle and print its nnsam.json")
+    info.add_argument("bundle")
+    info.set_defaults(func=_bundle_info)
+    exp = bverbs.add_parser("export", help="export a bundle folder as a .zip")
+    exp.add_argument("bundle")
+    exp.add_argument("zip")
+    exp.set_defaults(func=_bundle_export)
+    bimp = bverbs.add_parser("import", help="check and unpack a .zip bundle into a folder")
+    bimp.add_argument("zip")
+    bimp.add_argument("output")
+    bimp.set_defaults(func=_bundle_import)
+
+    for module, register in (("nnsam_core.evaluation.command", "add_evaluate_parser"),
+                             ("nnsam_core.benchmark.command", "add_benchmark_parser"),
+                             ("nnsam_core.speed", "add_bench_speed_parser")):
+        try:
+            mod = __import__(module, fromlist=[register])
+        except ImportError:
+            continue
+        getattr(mod, register)(verbs)
+    return parser
+
+
+def _reporter(args, stream=None):
+    from .progress import Reporter
+    return Reporter(args.progress, stream or sys.stdout)
+
+
+def _train(args) -> int:
+    from .finetune import fine_tune
+    from .images import read_image
+
+    if args.dataset is None and (args.image is None or args.labels is None):
+        raise NNSAMError("give IMAGE and LABELS, or --dataset NNUNET_RAW_DIR")
+    if args.dataset is not None and (args.image or args.labels):
+        raise NNSAMError("give either IMAGE and LABELS or --dataset, not both")
+    slices = None
+    if args.slices is not None:
+        from .images import parse_slices
+        n = read_image(args.image).GetSize()[2] if len(read_image(args.image).GetSize()) > 2 else 1
+        slices = parse_slices(args.slices, n)
+    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    if names is not None and (not all(names) or len(set(names)) != len(names)):
+        raise NNSAMError(f"--class-names '{args.class_names}' must be distinct, non-empty names, e.g. LV,RV,Myo")
+    fine_tune(args.image, args.labels, output=args.output, slices=slices, class_names=names,
+              dataset_dir=args.dataset, encoder=args.encoder, method=args.method, preset=args.preset,
+              iterations=args.iterations, device=args.device, seed=args.seed, modality=args.modality,
+              resume=args.resume, keep_work_dir=args.keep_work_dir, progress=_reporter(args))
+    return 0
+
+
+def _predict(args) -> int:
+    from .bundle import Bundle
+    from .images import read_image
+    from .predict import Segmenter, write_image_atomically
+    from .progress import make_event
+
+    report = _reporter(args)
+    bundle = Bundle.load(args.bundle)
+    image = read_image(args.image)
+    labels = Segmenter(bundle, args.device).segment(image, report)
+    write_image_atomically(labels, args.output)
+    report(make_event("done", 1, 1, message=f"label map written to {args.output}"))
+    return 0
+
+
+def _weights_status(args) -> int:
+    from .weights import status
+    rows = status()
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+    else:
+        for r in rows:
+            state = "available" if r.available else "missing"
+            print(f"{r.encoder:<11} {state:<9} {r.path or ''} {('sha256 ' + r.sha256[:16] + '...') if r.sha256 else ''}"
+                  f"  ({r.source})")
+    return 0
+
+
+def _weights_import(args) -> int:
+    from .weights import import_mobilesam
+    path = import_mobilesam(args.file)
+    print(f"mobilesam weights verified and stored at {path}")
+    return 0
+
+
+def _weights_download(args) -> int:
+    from .progress import make_event
+    from .weights import download_mobilesam
+    report = _reporter(args)
+    path = download_mobilesam(progress=lambda done, total: report(
+        make_event("download", done // 1024, total // 1024, message="kB of mobile_sam.pt")))
+    report(make_event("done", 1, 1, message=f"mobilesam weights verified and stored at {path}"))
+    return 0
+
+
+def _bundle_info(args) -> int:
+    from .bundle import Bundle
+    print(json.dumps(Bundle.load(args.bundle).manifest, indent=2))
+    return 0
+
+
+def _bundle_export(args) -> int:
+    from .bundle import export_zip
+    print(f"exported {export_zip(args.bundle, args.zip)}")
+    return 0
+
+
+def _bundle_import(args) -> int:
+    from .bundle import import_zip
+    print(f"imported {import_zip(args.zip, args.output)}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)  # third-party deprecation chatter, not for users
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    json_mode = getattr(args, "progress", None) == "json"
+    try:
+        return int(args.func(args) or 0)
+    except NNSAMError as exc:
+        return _fail(str(exc), exc.exit_code, json_mode)
+    except KeyboardInterrupt:
+        return _fail("interrupted; any earlier bundle or output is intact (nnsam train --resume continues a "
+                     "training)", 130, json_mode)
+    except MemoryError:
+        return _fail("out of memory; use a smaller --iterations/preset, --device cpu, or close other programs",
+                     3, json_mode)
+    except Exception as exc:  # the user gets one line; developers set NNSAM_DEBUG=1 for the traceback
+        if os.environ.get("NNSAM_DEBUG"):
+            raise
+        if exc.__class__.__name__ == "OutOfMemoryError":
+            return _fail("the GPU ran out of memory while training; use --device cpu or a smaller preset", 3,
+                         json_mode)
+        message = " ".join(str(exc).split())[:300]
+        return _fail(f"internal error ({exc.__class__.__name__}: {message}); run again with NNSAM_DEBUG=1 and "
+                     "report the traceback", 1, json_mode)
+
+
+def _fail(message: str, code: int, json_mode: bool) -> int:
+    if json_mode:
+        from .progress import make_event
+        print(json.dumps(make_event("error", message=message)), flush=True)
+    print(f"nnsam: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

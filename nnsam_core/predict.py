@@ -1,0 +1,196 @@
+"""Segment every axial slice of a volume with a bundle.
+
+nnU-Net does the work (preprocessing, sliding window with Gaussian weighting and mirroring, resampling back);
+nnSAM adds one encoder call per slice: the volume is processed in slabs, each slab's slice embeddings are
+computed in one batch and reused by every tile and mirrored pass (see :mod:`nnsam_core.network`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .bundle import Bundle, default_mode
+from .devices import resolve_device
+from .encoders import load_encoder
+from .errors import NNSAMError
+from .images import as_volume, check_image, read_image
+from .network import EmbeddingBank, NNSAMConfig, build_nnsam_network, grid_channels
+from .progress import ProgressCallback, make_event, silent
+from .workspace import CONFIGURATION, _StderrProxy
+
+DEFAULT_SLAB = 16
+
+
+class _OutOfMemory(Exception):
+    pass
+
+
+class Segmenter:
+    """A loaded bundle ready to segment volumes (the network and encoder are built once)."""
+
+    def __init__(self, bundle: Bundle, device: Union[str, torch.device] = "auto"):
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        self.bundle = bundle
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.plans_manager = PlansManager(bundle.plans)
+        self.configuration_manager = self.plans_manager.get_configuration(CONFIGURATION)
+        self.label_manager = self.plans_manager.get_label_manager(bundle.dataset_json)
+        self.config = NNSAMConfig.from_dict(bundle.manifest["nnsam_config"]) if bundle.manifest.get("nnsam_config") else None
+        self.network = self._build_network()
+        self.encoder = None
+        self.encoder_calls = 0
+
+    @property
+    def uses_sam(self) -> bool:
+        return self.config is not None
+
+    def _build_network(self):
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+        n_out = self.label_manager.num_segmentation_heads
+        if self.uses_sam:
+            network = build_nnsam_network(self.plans_manager, self.configuration_manager, 1, n_out, False, self.config)
+        else:
+            cm = self.configuration_manager
+            network = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                             cm.network_arch_init_kwargs_req_import, 1, n_out, allow_init=False,
+                                             deep_supervision=False)
+        try:
+            network.load_state_dict(self.bundle.network_weights, strict=True)
+        except RuntimeError as exc:
+            raise NNSAMError(f"bundle weights do not fit the network its plans describe "
+                             f"({str(exc).splitlines()[0][:120]}); the bundle is damaged") from None
+        return network.eval()
+
+    def _ensure_encoder(self, device: torch.device):
+        if self.encoder is None:
+            self.encoder = load_encoder(self.config.encoder, self.config.pretrained, self.config.random_seed)
+            expected = self.bundle.manifest["encoder"].get("weights_sha256")
+            if self.config.pretrained and expected and expected != self.encoder.weights_sha256:
+                raise NNSAMError(f"the bundle was trained with {self.config.encoder} weights {expected[:12]}..., "
+                                 f"but the installed weights are {str(self.encoder.weights_sha256)[:12]}...; "
+                                 "install the weights the bundle names")
+        self.encoder.to(device)
+        return self.encoder
+
+    def segment(self, image: sitk.Image, progress: ProgressCallback = silent) -> sitk.Image:
+        check_image(image, "image")
+        volume = as_volume(image)
+        attempts = [(self.device, DEFAULT_SLAB)]
+        if self.device.type == "cuda":
+            attempts += [(self.device, 2), (torch.device("cpu"), DEFAULT_SLAB)]
+        for i, (device, slab) in enumerate(attempts):
+            try:
+                labels = self._segment_volume(volume, device, slab, progress)
+                break
+            except _OutOfMemory:
+                if i == len(attempts) - 1:
+                    raise NNSAMError("out of memory while segmenting even on the CPU; close other programs or "
+                                     "crop the volume") from None
+                nxt = attempts[i + 1]
+                progress(make_event("predict", message=f"out of GPU memory; retrying on {nxt[0].type} with "
+                                                       f"{nxt[1]} slices at a time"))
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        out = sitk.GetImageFromArray(labels)
+        out.CopyInformation(volume)
+        if image.GetDimension() == 2:
+            out = out[:, :, 0]
+        return out
+
+    def _segment_volume(self, volume: sitk.Image, device: torch.device, slab: int, progress) -> np.ndarray:
+        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+
+        data = sitk.GetArrayFromImage(volume).astype(np.float32)[None]  # (1, Z, Y, X)
+        properties = {"spacing": list(volume.GetSpacing())[::-1]}
+        with contextlib.redirect_stdout(_StderrProxy()):
+            pre = DefaultPreprocessor(verbose=False)
+            data, _, properties = pre.run_case_npy(data, None, properties, self.plans_manager,
+                                                   self.configuration_manager, self.bundle.dataset_json)
+            predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                        perform_everything_on_device=device.type == "cuda", device=device,
+                                        verbose=False, allow_tqdm=False)
+        mirror_axes = self.bundle.inference_allowed_mirroring_axes
+        predictor.manual_initialization(self.network, self.plans_manager, self.configuration_manager, None,
+                                        self.bundle.dataset_json, self.bundle.manifest["trainer"], mirror_axes)
+        n_slices = data.shape[1]
+        bank = None
+        if self.uses_sam:
+            encoder = self._ensure_encoder(device)
+            bank = EmbeddingBank(encoder, lambda keys: [data[0, k - 1] for k in keys], batch_size=slab)
+            self.network.attach_bank(bank)
+        logits = None
+        started = time.monotonic()
+        try:
+            for z0 in range(0, n_slices, slab):
+                z1 = min(n_slices, z0 + slab)
+                chunk = data[:, z0:z1]
+                if bank is not None:
+                    keys = list(range(z0 + 1, z1 + 1))
+                    bank.warm(keys)
+                    chunk = np.concatenate([chunk, grid_channels(chunk.shape[1:], keys)])
+                with torch.no_grad(), contextlib.redirect_stdout(_StderrProxy()):
+                    out = predictor.predict_sliding_window_return_logits(torch.from_numpy(np.ascontiguousarray(chunk)))
+                out = out.to("cpu", torch.float32)
+                if logits is None:
+                    logits = torch.empty((out.shape[0], n_slices, *out.shape[2:]), dtype=torch.float32)
+                logits[:, z0:z1] = out
+                if bank is not None:
+                    bank.drop(keys)  # memory stays bounded by one slab of embeddings
+                elapsed = time.monotonic() - started
+                progress(make_event("predict", z1, n_slices, eta_s=elapsed / z1 * (n_slices - z1),
+                                    message=f"segmented {z1}/{n_slices} slices"))
+        except torch.cuda.OutOfMemoryError:
+            raise _OutOfMemory() from None
+        finally:
+            if bank is not None:
+                self.encoder_calls += bank.encoder_calls
+                self.network.attach_bank(None)
+        with contextlib.redirect_stdout(_StderrProxy()):
+            segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
+                logits, self.plans_manager, self.configuration_manager, self.label_manager, properties,
+                return_probabilities=False, num_threads_torch=max(1, torch.get_num_threads()))
+        return np.asarray(segmentation)
+
+
+def segment(bundle: Union[Bundle, str, os.PathLike], image: Union[sitk.Image, str, os.PathLike],
+            device: str = "auto", progress: ProgressCallback = silent) -> sitk.Image:
+    """Label image (same size, spacing, origin, direction as ``image``) with the bundle's class values."""
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.load(bundle)
+    if not isinstance(image, sitk.Image):
+        image = read_image(image, "image")
+    return Segmenter(bundle, device).segment(image, progress)
+
+
+def write_image_atomically(image: sitk.Image, path: os.PathLike) -> Path:
+    """Write to a temporary name with the same extension beside ``path``, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = path.name
+    stem, dot, ext = name.partition(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{dot}{ext}", dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, useCompression=True)
+        os.chmod(tmp, default_mode(False))
+        os.replace(tmp, path)
+    except RuntimeError as exc:
+        raise NNSAMError(f"could not write {path} ({str(exc).splitlines()[-1][:120]}); "
+                         "use a .nii.gz, .nrrd or .mha name in a writable folder") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,298 @@
+"""nnU-Net trainers for nnSAM, in the style of nnunetv2's trainer variants.
+
+- :class:`nnUNetTrainerFewShot`: stock nnU-Net with a short, configurable schedule and progress reporting
+  (the ``nnunet`` method, for fair comparisons through the very same pipeline).
+- :class:`nnUNetTrainerNNSAM`: the same plus the frozen SAM branch (``build_network_architecture`` builds the
+  fused network; the dataset appends grid channels; the embedding bank is filled once at training start).
+- Variants: encoder (``_MobileSAM``), random-encoder control (``nnUNetTrainerNNSAMRandom``) and schedules
+  (``_10epochs``, ``_50epochs``, ``_250epochs``), so that ``nnUNetv2_train ... -tr NAME`` reaches all of them.
+
+The classes live here (an importable module) so that nnU-Net's data-augmentation worker processes can unpickle
+the dataset classes; ``nnsam_core/trainers/`` re-exports them for ``nnUNet_extTrainer``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from nnunetv2.training.dataloading.nnunet_dataset import (nnUNetDatasetBlosc2, nnUNetDatasetNumpy,
+                                                          infer_dataset_class)
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from .encoders import load_encoder
+from .network import (GRID_CHANNELS, EmbeddingBank, NNSAMConfig, build_nnsam_network, grid_channels,
+                      slice_key, split_key)
+
+ProgressCallback = Callable[[dict], None]
+
+
+# ------------------------------------------------------------------------------------------- datasets
+class _GridChannelsMixin:
+    """Appends the grid channels (row, col, slice key) to every case it loads. Case indices come from the sorted
+    identifiers of the whole preprocessed folder, so training, validation and the embedding bank agree."""
+
+    def __init__(self, folder, identifiers=None, folder_with_segs_from_previous_stage=None):
+        super().__init__(folder, identifiers, folder_with_segs_from_previous_stage)
+        self.case_index = {k: i for i, k in enumerate(sorted(self.get_identifiers(folder)))}
+
+    def load_case(self, identifier):
+        data, seg, seg_prev, properties = super().load_case(identifier)
+        data = np.asarray(data[:], dtype=np.float32)
+        case = self.case_index[identifier]
+        keys = [slice_key(case, z) for z in range(data.shape[1])]
+        return np.concatenate([data, grid_channels(data.shape[1:], keys)]), seg, seg_prev, properties
+
+    def num_slices(self, identifier: str) -> int:
+        return super().load_case(identifier)[0].shape[1]
+
+    def load_image_slices(self, identifier: str, zs) -> list[np.ndarray]:
+        """First image channel of the given slices, without grid channels (what SAM sees)."""
+        data = super().load_case(identifier)[0]
+        return [np.asarray(data[0, z], dtype=np.float32) for z in zs]
+
+
+class NNSAMDatasetBlosc2(_GridChannelsMixin, nnUNetDatasetBlosc2):
+    pass
+
+
+class NNSAMDatasetNumpy(_GridChannelsMixin, nnUNetDatasetNumpy):
+    pass
+
+
+def grid_dataset_class(folder: str):
+    base = infer_dataset_class(folder)
+    return NNSAMDatasetBlosc2 if issubclass(base, nnUNetDatasetBlosc2) else NNSAMDatasetNumpy
+
+
+# ------------------------------------------------------------------------------------------- transforms
+class StashGridChannels(BasicTransform):
+    """Moves the grid channels out of 'image' so intensity augmentations cannot touch them."""
+
+    def apply(self, data_dict, **params):
+        image = data_dict["image"]
+        data_dict["image"], data_dict["nnsam_grid"] = image[:-GRID_CHANNELS], image[-GRID_CHANNELS:]
+        return data_dict
+
+
+class RestoreGridChannels(BasicTransform):
+    """Puts the grid channels back (before mirroring, which must move them with the image)."""
+
+    def apply(self, data_dict, **params):
+        grid = data_dict.pop("nnsam_grid")
+        data_dict["image"] = torch.cat([data_dict["image"], grid.to(data_dict["image"].dtype)])
+        return data_dict
+
+
+def protect_grid_channels(transforms: ComposeTransforms) -> ComposeTransforms:
+    steps = list(transforms.transforms)
+    spatial = next(i for i, t in enumerate(steps) if isinstance(t, SpatialTransform))
+    steps.insert(spatial + 1, StashGridChannels())
+    mirror = next((i for i, t in enumerate(steps) if isinstance(t, MirrorTransform)), len(steps))
+    steps.insert(mirror, RestoreGridChannels())
+    return ComposeTransforms(steps)
+
+
+# ------------------------------------------------------------------------------------------- trainers
+class nnUNetTrainerFewShot(nnUNetTrainer):
+    """nnU-Net with a schedule set in iterations, progress callbacks and a lean checkpoint policy."""
+
+    default_iterations = 250
+    iterations_per_epoch_cap = 25
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.progress_callback: Optional[ProgressCallback] = None
+        self.set_schedule(self.default_iterations)
+        self._steps_done = 0
+        self._train_started_at: Optional[float] = None
+
+    def set_schedule(self, total_iterations: int) -> None:
+        per_epoch = max(1, min(self.iterations_per_epoch_cap, total_iterations))
+        self.num_iterations_per_epoch = per_epoch
+        self.num_epochs = max(1, -(-total_iterations // per_epoch))
+        # nnU-Net's per-epoch validation only feeds its pseudo-Dice log; one batch is enough for few-shot runs.
+        self.num_val_iterations_per_epoch = 50 if per_epoch >= 250 else 1
+        self.save_every = max(1, self.num_epochs // 10)
+
+    @property
+    def total_iterations(self) -> int:
+        return self.num_epochs * self.num_iterations_per_epoch
+
+    def _do_i_compile(self):
+        # The fused network's bank lookups are Python; compile only when asked explicitly.
+        return os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t") and super()._do_i_compile()
+
+    def save_checkpoint(self, filename: str) -> None:
+        # 'best' by pseudo-Dice on the few training slices says little and costs a full write each epoch.
+        if os.path.basename(filename) == "checkpoint_best.pth":
+            return
+        super().save_checkpoint(filename)
+
+    def on_train_start(self):
+        super().on_train_start()
+        self._steps_done = self.current_epoch * self.num_iterations_per_epoch
+        self._train_started_at = time.monotonic()
+        self._steps_at_start = self._steps_done
+
+    def train_step(self, batch: dict) -> dict:
+        result = super().train_step(batch)
+        self._steps_done += 1
+        if self.progress_callback is not None:
+            elapsed = time.monotonic() - self._train_started_at
+            done_here = self._steps_done - self._steps_at_start
+            remaining = self.total_iterations - self._steps_done
+            self.progress_callback({
+                "stage": "train", "step": self._steps_done, "total": self.total_iterations,
+                "loss": float(result["loss"]), "eta_s": elapsed / max(done_here, 1) * remaining,
+                "message": f"epoch {self.current_epoch + 1}/{self.num_epochs}"})
+        return result
+
+
+class nnUNetTrainerNNSAM(nnUNetTrainerFewShot):
+    """nnSAM: nnU-Net plus a frozen SAM encoder whose embedding is concatenated at the 1/8 skip."""
+
+    nnsam_config = NNSAMConfig()
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
+                                   num_output_channels, enable_deep_supervision=True):
+        return build_nnsam_network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision, cls.nnsam_config)
+
+    def initialize(self):
+        super().initialize()
+        self.dataset_class = grid_dataset_class(self.preprocessed_dataset_folder)
+        self.sam_encoder = None
+        self.embedding_bank: Optional[EmbeddingBank] = None
+
+    def get_dataloaders(self):
+        self.dataset_class = grid_dataset_class(self.preprocessed_dataset_folder)
+        return super().get_dataloaders()
+
+    @staticmethod
+    def get_training_transforms(*args, **kwargs):
+        return protect_grid_channels(nnUNetTrainer.get_training_transforms(*args, **kwargs))
+
+    def _network_module(self):
+        module = self.network.module if self.is_ddp else self.network
+        return getattr(module, "_orig_mod", module)
+
+    def ensure_embedding_bank(self) -> EmbeddingBank:
+        """Load the frozen encoder and fill the bank with every training slice's embedding (once)."""
+        if self.embedding_bank is not None:
+            return self.embedding_bank
+        config = self.nnsam_config
+        self.sam_encoder = load_encoder(config.encoder, pretrained=config.pretrained,
+                                        seed=config.random_seed).to(self.device)
+        dataset = self.dataset_class(self.preprocessed_dataset_folder)
+        identifiers = sorted(dataset.case_index, key=dataset.case_index.get)
+
+        def load_slices(keys):
+            out = []
+            for key in keys:
+                case, z = split_key(key)
+                out.extend(dataset.load_image_slices(identifiers[case], [z]))
+            return out
+
+        bank = EmbeddingBank(self.sam_encoder, load_slices)
+        tr_keys, _ = self.do_split()
+        warm = []
+        for identifier in tr_keys:
+            warm.extend(slice_key(dataset.case_index[identifier], z) for z in range(dataset.num_slices(identifier)))
+        if self.progress_callback is not None:
+            self.progress_callback({"stage": "embed", "step": 0, "total": len(warm), "loss": None, "eta_s": None,
+                                    "message": f"computing {config.encoder} embeddings of {len(warm)} training slices"})
+        bank.warm(warm)
+        network = self._network_module()
+        if config.embedding_norm == "standardise":
+            mean, std = bank.channel_statistics()
+            network.set_embedding_statistics(mean.to(self.device), std.to(self.device))
+        network.attach_bank(bank)
+        self.embedding_bank = bank
+        return bank
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.ensure_embedding_bank()
+        self._train_started_at = time.monotonic()  # do not count encoder time in the training ETA
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.ensure_embedding_bank()
+        super().perform_actual_validation(save_probabilities)
+
+
+class nnUNetTrainerNNSAM_MobileSAM(nnUNetTrainerNNSAM):
+    nnsam_config = NNSAMConfig(encoder="mobilesam")
+
+
+class nnUNetTrainerNNSAMRandom(nnUNetTrainerNNSAM):
+    """Control: the same network with a randomly initialised (frozen) encoder."""
+    nnsam_config = NNSAMConfig(pretrained=False)
+
+
+class nnUNetTrainerNNSAMRandom_MobileSAM(nnUNetTrainerNNSAM):
+    nnsam_config = NNSAMConfig(encoder="mobilesam", pretrained=False)
+
+
+def _with_schedule(base, iterations: int, name: str):
+    return type(name, (base,), {"default_iterations": iterations, "__module__": __name__,
+                                "__doc__": f"{base.__name__} with {iterations} iterations."})
+
+
+# Schedule variants for nnUNetv2_train -tr NAME (25 iterations per epoch).
+nnUNetTrainerNNSAM_1epoch = _with_schedule(nnUNetTrainerNNSAM, 25, "nnUNetTrainerNNSAM_1epoch")
+nnUNetTrainerNNSAM_10epochs = _with_schedule(nnUNetTrainerNNSAM, 250, "nnUNetTrainerNNSAM_10epochs")
+nnUNetTrainerNNSAM_50epochs = _with_schedule(nnUNetTrainerNNSAM, 1250, "nnUNetTrainerNNSAM_50epochs")
+nnUNetTrainerNNSAM_250epochs = _with_schedule(nnUNetTrainerNNSAM, 6250, "nnUNetTrainerNNSAM_250epochs")
+
+
+class nnUNetTrainerNNSAM_full(nnUNetTrainerNNSAM):
+    """nnU-Net's default schedule: 1000 epochs x 250 iterations (the paper's setup)."""
+
+    default_iterations = 250_000
+    iterations_per_epoch_cap = 250
+
+
+TRAINERS = {
+    ("nnunet", "litemedsam"): nnUNetTrainerFewShot,
+    ("nnunet", "mobilesam"): nnUNetTrainerFewShot,
+    ("nnsam", "litemedsam"): nnUNetTrainerNNSAM,
+    ("nnsam", "mobilesam"): nnUNetTrainerNNSAM_MobileSAM,
+    ("nnsam-random", "litemedsam"): nnUNetTrainerNNSAMRandom,
+    ("nnsam-random", "mobilesam"): nnUNetTrainerNNSAMRandom_MobileSAM,
+}
+
+# Trainers a bundle or an nnU-Net results folder may name; anything else is refused (they are untrusted input).
+KNOWN_TRAINERS = {cls.__name__: cls for cls in (
+    nnUNetTrainer, nnUNetTrainerFewShot, nnUNetTrainerNNSAM, nnUNetTrainerNNSAM_MobileSAM, nnUNetTrainerNNSAMRandom,
+    nnUNetTrainerNNSAMRandom_MobileSAM, nnUNetTrainerNNSAM_1epoch, nnUNetTrainerNNSAM_10epochs,
+    nnUNetTrainerNNSAM_50epochs, nnUNetTrainerNNSAM_250epochs, nnUNetTrainerNNSAM_full)}
+ALLOWED_TRAINER_NAMES = set(KNOWN_TRAINERS)
+
+
+def method_of_trainer(trainer_class) -> str:
+    config = config_of_trainer(trainer_class)
+    if config is None:
+        return "nnunet"
+    return "nnsam" if config.pretrained else "nnsam-random"
+
+
+def trainer_for(method: str, encoder: str):
+    try:
+        return TRAINERS[(method, encoder)]
+    except KeyError:
+        from .errors import NNSAMError
+        raise NNSAMError(f"unknown method '{method}'; choose nnsam, nnunet or nnsam-random") from None
+
+
+def config_of_trainer(trainer_class) -> Optional[NNSAMConfig]:
+    return getattr(trainer_class, "nnsam_config", None)

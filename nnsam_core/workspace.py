@@ -1,0 +1,142 @@
+"""A private nnU-Net workspace: raw dataset, planning and preprocessing with nnunetv2's own code.
+
+nnU-Net finds its folders through the environment variables nnUNet_raw / nnUNet_preprocessed / nnUNet_results
+(read lazily). They are pointed at the workspace only for the duration of a job and restored afterwards, so the
+user's own nnU-Net setup is left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import SimpleITK as sitk
+
+DATASET_ID = 999
+DATASET_NAME = f"Dataset{DATASET_ID:03d}_NNSAM"
+PLANS = "nnUNetPlans"
+CONFIGURATION = "2d"
+FOLD = "all"
+NNUNET_ENV = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "nnUNet_raw"
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.root / "nnUNet_preprocessed"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "nnUNet_results"
+
+    @property
+    def raw_dataset(self) -> Path:
+        return self.raw / DATASET_NAME
+
+    @property
+    def preprocessed_dataset(self) -> Path:
+        return self.preprocessed / DATASET_NAME
+
+    def output_folder(self, trainer_name: str) -> Path:
+        return self.results / DATASET_NAME / f"{trainer_name}__{PLANS}__{CONFIGURATION}" / f"fold_{FOLD}"
+
+    def activated(self):
+        """Point nnU-Net's environment variables here for the duration of the block."""
+        folders = (self.raw, self.preprocessed, self.results)
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+        return scoped_environ({k: str(f) for k, f in zip(NNUNET_ENV, folders)})
+
+
+@contextlib.contextmanager
+def scoped_environ(values: dict) -> Iterator[None]:
+    """Set (or, for None, unset) environment variables for the block, then restore what was there."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for key, value in values.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@dataclass
+class TrainingCase:
+    name: str
+    image: sitk.Image   # one-slice 3D image (or a volume whose every slice is labelled)
+    labels: sitk.Image
+
+
+def write_raw_dataset(workspace: Workspace, cases: Sequence[TrainingCase], class_names: Sequence[str],
+                      channel_names: dict) -> Path:
+    """nnU-Net raw format: imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz, dataset.json."""
+    folder = workspace.raw_dataset
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        sitk.WriteImage(case.image, str(folder / "imagesTr" / f"{case.name}_0000.nii.gz"))
+        sitk.WriteImage(case.labels, str(folder / "labelsTr" / f"{case.name}.nii.gz"))
+    dataset_json = {
+        "channel_names": {str(k): v for k, v in channel_names.items()},
+        "labels": {"background": 0, **{name: i for i, name in enumerate(class_names, start=1)}},
+        "numTraining": len(cases),
+        "file_ending": ".nii.gz",
+        "description": "Annotated slices written by nnsam_core",
+    }
+    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    return folder
+
+
+def plan_and_preprocess(workspace: Workspace, num_processes: int = 1) -> dict:
+    """Fingerprint, plan (2d) and preprocess with nnunetv2; returns the plans dict.
+
+    The axis transpose nnU-Net may choose is suppressed: slices must stay along the image's third axis, since
+    training cases are single slices.
+    """
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    with workspace.activated(), contextlib.redirect_stdout(_StderrProxy()):
+        extract_fingerprint_dataset(DATASET_ID, num_processes=num_processes, check_dataset_integrity=False,
+                                    clean=True, verbose=False, show_progress_bar=False)
+        planner = ExperimentPlanner(DATASET_ID, suppress_transpose=True)
+        planner.plan_experiment()
+        preprocess_dataset(DATASET_ID, PLANS, configurations=(CONFIGURATION,), num_processes=[num_processes],
+                           verbose=False, show_progress_bar=False)
+    return json.loads((workspace.preprocessed_dataset / f"{PLANS}.json").read_text())
+
+
+class _StderrProxy:
+    """nnU-Net prints its chatter to stdout; keep stdout for results and progress lines."""
+
+    def write(self, text):
+        import sys
+        return sys.stderr.write(text)
+
+    def flush(self):
+        import sys
+        sys.stderr.flush()
+
+
+def slice_case(image: sitk.Image, labels: sitk.Image, k: int, name: str) -> TrainingCase:
+    """A one-slice case cut at index k, keeping its physical geometry."""
+    return TrainingCase(name, image[:, :, k:k + 1], labels[:, :, k:k + 1])
+
