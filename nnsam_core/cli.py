@@ -113,17 +113,13 @@ def _reporter(args, stream=None):
 
 def _train(args) -> int:
     from .finetune import fine_tune
-    from .images import read_image
 
     if args.dataset is None and (args.image is None or args.labels is None):
         raise NNSAMError("give IMAGE and LABELS, or --dataset NNUNET_RAW_DIR")
     if args.dataset is not None and (args.image or args.labels):
         raise NNSAMError("give either IMAGE and LABELS or --dataset, not both")
-    slices = None
-    if args.slices is not None:
-        from .images import parse_slices
-        n = read_image(args.image).GetSize()[2] if len(read_image(args.image).GetSize()) > 2 else 1
-        slices = parse_slices(args.slices, n)
+    from .images import parse_slices
+    slices = parse_slices(args.slices) if args.slices is not None else None  # range checked against the image
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     if names is not None and (not all(names) or len(set(names)) != len(names)):
         raise NNSAMError(f"--class-names '{args.class_names}' must be distinct, non-empty names, e.g. LV,RV,Myo")

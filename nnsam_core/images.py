@@ -165,15 +165,16 @@ def annotated_slices(labels: sitk.Image) -> list[int]:
     return [int(k) for k in np.flatnonzero(array.reshape(array.shape[0], -1).any(axis=1))]
 
 
-def parse_slices(text: str, n_slices: int) -> list[int]:
-    """'12,40,77' -> [12, 40, 77], checked against the volume's slice count."""
+def parse_slices(text: str, n_slices: Optional[int] = None) -> list[int]:
+    """'12,40,77' -> [12, 40, 77], checked against the volume's slice count when it is given."""
     try:
         slices = sorted({int(part) for part in str(text).replace(" ", "").split(",") if part != ""})
     except ValueError:
         raise NNSAMError(f"--slices '{text}' is not a comma-separated list of slice indices, e.g. 12,40,77") from None
     if not slices:
         raise NNSAMError("--slices is empty; give the annotated slice indices, e.g. 12,40,77")
-    outside = [s for s in slices if s < 0 or s >= n_slices]
+    limit = n_slices if n_slices is not None else float("inf")
+    outside = [s for s in slices if s < 0 or s >= limit]
     if outside:
         raise NNSAMError(f"--slices {outside} are outside the volume's {n_slices} slices (0..{n_slices - 1})")
     return slices

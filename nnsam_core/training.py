@@ -248,7 +248,8 @@ def _with_schedule(base, iterations: int, name: str):
                                 "__doc__": f"{base.__name__} with {iterations} iterations."})
 
 
-# Schedule variants for nnUNetv2_train -tr NAME (25 iterations per epoch).
+# Schedule variants for nnUNetv2_train -tr NAME (25 iterations per epoch). _debug checks a setup end to end.
+nnUNetTrainerNNSAM_debug = _with_schedule(nnUNetTrainerNNSAM, 2, "nnUNetTrainerNNSAM_debug")
 nnUNetTrainerNNSAM_1epoch = _with_schedule(nnUNetTrainerNNSAM, 25, "nnUNetTrainerNNSAM_1epoch")
 nnUNetTrainerNNSAM_10epochs = _with_schedule(nnUNetTrainerNNSAM, 250, "nnUNetTrainerNNSAM_10epochs")
 nnUNetTrainerNNSAM_50epochs = _with_schedule(nnUNetTrainerNNSAM, 1250, "nnUNetTrainerNNSAM_50epochs")
@@ -274,7 +275,7 @@ TRAINERS = {
 # Trainers a bundle or an nnU-Net results folder may name; anything else is refused (they are untrusted input).
 KNOWN_TRAINERS = {cls.__name__: cls for cls in (
     nnUNetTrainer, nnUNetTrainerFewShot, nnUNetTrainerNNSAM, nnUNetTrainerNNSAM_MobileSAM, nnUNetTrainerNNSAMRandom,
-    nnUNetTrainerNNSAMRandom_MobileSAM, nnUNetTrainerNNSAM_1epoch, nnUNetTrainerNNSAM_10epochs,
+    nnUNetTrainerNNSAMRandom_MobileSAM, nnUNetTrainerNNSAM_debug, nnUNetTrainerNNSAM_1epoch, nnUNetTrainerNNSAM_10epochs,
     nnUNetTrainerNNSAM_50epochs, nnUNetTrainerNNSAM_250epochs, nnUNetTrainerNNSAM_full)}
 ALLOWED_TRAINER_NAMES = set(KNOWN_TRAINERS)
 

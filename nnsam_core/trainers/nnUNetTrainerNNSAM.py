@@ -9,6 +9,7 @@ nnU-Net imports this file as a top-level module; the classes themselves live in 
 from nnsam_core.training import (  # noqa: F401  (re-exported for nnU-Net's trainer lookup)
     nnUNetTrainerFewShot,
     nnUNetTrainerNNSAM,
+    nnUNetTrainerNNSAM_debug,
     nnUNetTrainerNNSAM_1epoch,
     nnUNetTrainerNNSAM_10epochs,
     nnUNetTrainerNNSAM_50epochs,

@@ -1,0 +1,61 @@
+"""The plug-and-play promise: nnU-Net's own commands train nnSAM, and `nnsam predict` uses the result."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+import nnsam_core
+from conftest import CHEST_SLICES
+
+
+def _bin(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else shutil.which(name)
+
+
+def test_nnunetv2_train_with_nnsam_trainer(tmp_path, chest_ct):
+    from nnsam_core.images import read_labels
+    from nnsam_core.workspace import write_raw_dataset, Workspace, slice_case
+
+    ct, seg = chest_ct
+    image = sitk.ReadImage(ct)
+    labels = read_labels(seg, image)
+    env = dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
+               nnUNet_results=str(tmp_path / "results"),
+               nnUNet_extTrainer=str(Path(nnsam_core.__file__).parent / "trainers"))
+    # A normal nnU-Net raw dataset, written the way any user would have one.
+    raw = tmp_path / "raw" / "Dataset998_Chest"
+    cases = [slice_case(image, labels.image, k, f"chest_{k:03d}") for k in CHEST_SLICES]
+    written = write_raw_dataset(Workspace(tmp_path / "unused"), cases, labels.class_names, {"0": "CT"})
+    shutil.copytree(written, raw)
+
+    plan = subprocess.run([_bin("nnUNetv2_plan_and_preprocess"), "-d", "998", "-c", "2d", "-np", "1"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    train = subprocess.run([_bin("nnUNetv2_train"), "998", "2d", "all", "-tr", "nnUNetTrainerNNSAM_debug",
+                            "-device", "cpu"], env=dict(env, nnUNet_n_proc_DA="0"), capture_output=True, text=True,
+                           timeout=900)
+    assert train.returncode == 0, (train.stdout[-3000:], train.stderr[-3000:])
+    fold = tmp_path / "results" / "Dataset998_Chest" / "nnUNetTrainerNNSAM_debug__nnUNetPlans__2d" / "fold_all"
+    assert (fold / "checkpoint_final.pth").is_file()
+    summary = json.loads((fold / "validation" / "summary.json").read_text())  # nnU-Net's own final validation ran
+    assert "mean" in summary
+
+    crop = image[:, :, 18:20]
+    sitk.WriteImage(crop, str(tmp_path / "crop.nii.gz"))
+    out = tmp_path / "pred.nii.gz"
+    predict = subprocess.run([sys.executable, "-m", "nnsam_core.cli", "predict", str(fold), str(tmp_path / "crop.nii.gz"),
+                              "-o", str(out), "--device", "cpu", "--progress", "none"],
+                             capture_output=True, text=True, timeout=600)
+    assert predict.returncode == 0, predict.stderr[-2000:]
+    result = sitk.ReadImage(str(out))
+    assert result.GetSize() == crop.GetSize()
+    assert set(np.unique(sitk.GetArrayFromImage(result)).tolist()) <= set(range(len(labels.class_names) + 1))
