@@ -1,0 +1,226 @@
+"""One run of the engine: its temporary folder, progress, log, stop, and the plain-words outcome.
+
+Everything the job writes lives in its own temporary folder, and results leave that folder only after the engine
+exited with status 0 (the ``onSuccess`` callback moves or imports them). Stop kills the process and deletes the
+folder, so a stopped or failed job never leaves a half-written bundle or label map where the user keeps theirs.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Callable, Optional
+
+from .EngineCommands import EngineCommand
+from .Errors import UserError
+from .ProcessRunner import ProcessRunner
+from .Progress import LineSplitter, ProgressTracker, parseErrorLine, parseProgressLine
+from .Signal import Signal
+
+KEEP_JOB_DIR_VARIABLE = "NNSAM_KEEP_JOB_DIR"  # set to 1 to keep job folders for debugging
+
+
+class JobState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+def createJobDirectory(baseDirectory: Optional[str] = None, prefix: str = "nnsam-job-") -> str:
+    if baseDirectory:
+        os.makedirs(baseDirectory, exist_ok=True)
+    return tempfile.mkdtemp(prefix=prefix, dir=baseDirectory)
+
+
+class EngineJob:
+    """Runs ``command`` through ``runner`` and reports progress and the outcome.
+
+    Signals: ``progress(ProgressEvent)``, ``logged(str)`` for every line of output, ``finished(EngineJob)`` once.
+    ``onSuccess(job)`` runs after exit status 0 and before the folder is deleted; a :class:`UserError` it raises
+    turns the job into a failure with that message.
+    """
+
+    MAX_LOG_LINES = 2000
+
+    def __init__(self, runner: ProcessRunner, command: EngineCommand, jobDirectory: str, title: str = "",
+                 onSuccess: Optional[Callable[["EngineJob"], None]] = None, env: Optional[dict] = None,
+                 clock: Callable[[], float] = time.monotonic, kind: str = ""):
+        self.runner = runner
+        self.command = command
+        self.jobDirectory = jobDirectory
+        self.title = title or "Engine job"
+        self.kind = kind  # what the job does, e.g. "fine-tune", "predict", "weights-status"
+        self.onSuccess = onSuccess
+        self.env = env
+        self.clock = clock
+
+        self.progress = Signal()
+        self.logged = Signal()
+        self.finished = Signal()
+
+        self.state = JobState.NEW
+        self.exitCode: Optional[int] = None
+        self.errorMessage = ""
+        self.result = None  # set by onSuccess, e.g. the adopted bundle or the result segmentation node
+        self.tracker = ProgressTracker()
+        self.logLines: collections.deque = collections.deque(maxlen=self.MAX_LOG_LINES)
+        self.stdoutLines: collections.deque = collections.deque(maxlen=self.MAX_LOG_LINES)  # non-progress stdout
+        self.startTime: Optional[float] = None
+        self.endTime: Optional[float] = None
+
+        self._stdout = LineSplitter()
+        self._stderr = LineSplitter()
+        self._engineError = ""  # from "nnsam: error: ..." on stderr
+        self._errorEventMessage = ""  # from a {"stage": "error"} line on stdout
+        self._stopRequested = False
+        self._connections = []
+
+    # ------------------------------------------------------------------------------------------------ control
+    @property
+    def isRunning(self) -> bool:
+        return self.state == JobState.RUNNING
+
+    def start(self) -> None:
+        if self.state != JobState.NEW:
+            raise RuntimeError("a job can only be started once")
+        self._connections = [
+            (self.runner.stdoutReceived, self.runner.stdoutReceived.connect(self._onStdout)),
+            (self.runner.stderrReceived, self.runner.stderrReceived.connect(self._onStderr)),
+            (self.runner.finished, self.runner.finished.connect(self._onFinished)),
+        ]
+        self.state = JobState.RUNNING
+        self.startTime = self.clock()
+        self._log(f"$ {self.command.commandLine()}")
+        try:
+            self.runner.start(self.command.program, list(self.command.args), env=self.env,
+                              workingDirectory=self.jobDirectory)
+        except Exception as error:  # reported like any failure, so the job never stays "running"
+            self._onFinished(None, f"Could not start the engine: {error}")
+
+    def stop(self) -> None:
+        """Ask the engine to stop; ``finished`` follows once the process has really ended."""
+        if self.state != JobState.RUNNING:
+            return
+        self._stopRequested = True
+        self._log("Stop requested: ending the engine process.")
+        self.runner.stop()
+
+    def wait(self, timeoutSeconds: Optional[float] = None) -> bool:
+        """Block until the job finished (scripts, tests, Slicer self-test). True if it did."""
+        if self.state == JobState.RUNNING:
+            self.runner.waitForFinished(timeoutSeconds)
+        return self.state not in (JobState.NEW, JobState.RUNNING)
+
+    @property
+    def elapsedSeconds(self) -> Optional[float]:
+        if self.startTime is None:
+            return None
+        return (self.endTime if self.endTime is not None else self.clock()) - self.startTime
+
+    # ------------------------------------------------------------------------------------------------ output
+    def _log(self, line: str) -> None:
+        self.logLines.append(line)
+        self.logged.emit(line)
+
+    def _onStdout(self, chunk) -> None:
+        for line in self._stdout.feed(chunk):
+            self._handleStdoutLine(line)
+
+    def _onStderr(self, chunk) -> None:
+        for line in self._stderr.feed(chunk):
+            self._handleStderrLine(line)
+
+    def _handleStdoutLine(self, line: str) -> None:
+        event = parseProgressLine(line)
+        if event is None:
+            self.stdoutLines.append(line)
+            if line.strip():
+                self._log(line)
+            return
+        if event.stage == "error" and event.message:
+            self._errorEventMessage = event.message
+        self.tracker.update(event, self.clock())
+        self.progress.emit(event)
+
+    def _handleStderrLine(self, line: str) -> None:
+        message = parseErrorLine(line)
+        if message:
+            self._engineError = message
+        if line.strip():
+            self._log(line)
+
+    @property
+    def stdoutText(self) -> str:
+        """What the engine printed on stdout besides progress lines (e.g. the answer of ``weights status``)."""
+        return "\n".join(self.stdoutLines)
+
+    # ------------------------------------------------------------------------------------------------ outcome
+    def _onFinished(self, exitCode: Optional[int], errorText: str) -> None:
+        if self.state != JobState.RUNNING:
+            return
+        for line in self._stdout.flush():
+            self._handleStdoutLine(line)
+        for line in self._stderr.flush():
+            self._handleStderrLine(line)
+        for signal, connectionId in self._connections:
+            signal.disconnect(connectionId)
+        self.exitCode = exitCode
+        self.endTime = self.clock()
+        if errorText:
+            self._log(errorText)
+
+        if self._stopRequested:
+            self.state = JobState.STOPPED
+            self.errorMessage = "Stopped; nothing was saved."
+        elif exitCode == 0 and not self._errorEventMessage:
+            self._runOnSuccess()
+        else:
+            self.state = JobState.FAILED
+            self.errorMessage = self._failureMessage(exitCode, errorText)
+
+        self._cleanUp()
+        if self.state == JobState.FAILED:
+            self._log(f"Failed: {self.errorMessage}")
+        self.finished.emit(self)
+
+    def _runOnSuccess(self) -> None:
+        try:
+            if self.onSuccess is not None:
+                self.onSuccess(self)
+            self.state = JobState.SUCCEEDED
+        except UserError as error:
+            self.state = JobState.FAILED
+            self.errorMessage = str(error)
+        except Exception as error:  # a bug, but the user must still see it in the panel
+            logging.exception("NNSAMSegment: importing the engine's result failed")
+            self.state = JobState.FAILED
+            self.errorMessage = f"Could not use the engine's result ({error.__class__.__name__}: {error})."
+
+    def _failureMessage(self, exitCode: Optional[int], errorText: str) -> str:
+        if self._engineError:
+            return self._engineError
+        if self._errorEventMessage:
+            return self._errorEventMessage
+        if errorText:
+            return errorText
+        lastLine = next((line for line in reversed(self.logLines) if not line.startswith("$ ")), "")
+        reason = "crashed or was killed" if exitCode is None else f"stopped with exit code {exitCode}"
+        message = f"The engine {reason}."
+        if lastLine:
+            message += f" Last message: {lastLine.strip()}"
+        return message + " See the log for details."
+
+    def _cleanUp(self) -> None:
+        if os.environ.get(KEEP_JOB_DIR_VARIABLE) == "1":
+            self._log(f"Kept job folder {self.jobDirectory} ({KEEP_JOB_DIR_VARIABLE}=1).")
+            return
+        shutil.rmtree(self.jobDirectory, ignore_errors=True)
+        if os.path.exists(self.jobDirectory):
+            self._log(f"Could not delete the temporary folder {self.jobDirectory}; delete it by hand.")

@@ -1,0 +1,271 @@
+"""Running the engine in a separate process.
+
+:class:`EngineJob` talks to a runner through this small interface:
+
+- ``start(program, args, env=None, workingDirectory=None)``
+- ``stop(graceSeconds)``: interrupt the process (SIGINT: Python's KeyboardInterrupt, so the engine's clean-up
+  code runs and removes its temporary files), and kill it if it has not ended after the grace period
+- ``isRunning()``, ``waitForFinished(timeoutSeconds)``
+- signals ``stdoutReceived(bytes)``, ``stderrReceived(bytes)``, ``finished(exitCode, errorText)``; ``exitCode`` is
+  None when the process crashed, was killed or could not start.
+
+Two implementations: :class:`QProcessRunner` inside Slicer (signals arrive on Qt's main thread, so the panel stays
+responsive and MRML is only touched from that thread), and :class:`SubprocessRunner` for tests and scripts, which
+delivers its signals in whatever thread calls :meth:`SubprocessRunner.processEvents` or ``waitForFinished``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from typing import Optional, Protocol, Sequence
+
+from .Signal import Signal
+
+
+class ProcessRunner(Protocol):
+    stdoutReceived: Signal
+    stderrReceived: Signal
+    finished: Signal
+
+    def start(self, program: str, args: Sequence[str], env: Optional[dict] = None,
+              workingDirectory: Optional[str] = None) -> None: ...
+
+    def stop(self, graceSeconds: float = 3.0) -> None: ...
+
+    def isRunning(self) -> bool: ...
+
+    def waitForFinished(self, timeoutSeconds: Optional[float] = None) -> bool: ...
+
+
+def _mergedEnvironment(env: Optional[dict]) -> dict:
+    merged = dict(os.environ)
+    # Unbuffered output: progress lines must arrive while the engine works, not when it exits.
+    merged["PYTHONUNBUFFERED"] = "1"
+    if env:
+        merged.update({str(k): str(v) for k, v in env.items()})
+    return merged
+
+
+class SubprocessRunner:
+    """``subprocess.Popen`` runner; reader threads queue output, the caller's thread emits the signals."""
+
+    def __init__(self):
+        self.stdoutReceived = Signal()
+        self.stderrReceived = Signal()
+        self.finished = Signal()
+        self._process: Optional[subprocess.Popen] = None
+        self._queue: "queue.Queue[tuple]" = queue.Queue()
+        self._finishedDelivered = False
+        self._threads: list[threading.Thread] = []
+
+    def start(self, program, args, env=None, workingDirectory=None) -> None:
+        if self.isRunning():
+            raise RuntimeError("process already running")
+        self._finishedDelivered = False
+        self._queue = queue.Queue()
+        kwargs = {}
+        if os.name == "posix":
+            # Own process group, so stop() also ends the engine's worker processes.
+            kwargs["start_new_session"] = True
+        else:  # pragma: no cover - Windows
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        try:
+            self._process = subprocess.Popen([program, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, env=_mergedEnvironment(env),
+                                             cwd=workingDirectory, **kwargs)
+        except OSError as error:
+            self._process = None
+            self._queue.put(("finished", None, f"Could not start {program}: {error.strerror or error}"))
+            return
+        readers = [threading.Thread(target=self._read, args=(self._process.stdout, "stdout"), daemon=True),
+                   threading.Thread(target=self._read, args=(self._process.stderr, "stderr"), daemon=True)]
+        waiter = threading.Thread(target=self._wait, args=(self._process, readers), daemon=True)
+        self._threads = readers + [waiter]
+        for thread in self._threads:
+            thread.start()
+
+    def _read(self, stream, name: str) -> None:
+        try:
+            while True:
+                chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
+                if not chunk:
+                    break
+                self._queue.put((name, chunk))
+        except (OSError, ValueError):
+            pass
+        finally:
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def _wait(self, process: subprocess.Popen, readers: list) -> None:
+        for reader in readers:
+            reader.join()
+        returnCode = process.wait()
+        # A negative return code means "killed by a signal": report it like Qt's CrashExit.
+        self._queue.put(("finished", returnCode if returnCode >= 0 else None, ""))
+
+    def _dispatch(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "stdout":
+            self.stdoutReceived.emit(item[1])
+        elif kind == "stderr":
+            self.stderrReceived.emit(item[1])
+        elif kind == "finished" and not self._finishedDelivered:
+            self._finishedDelivered = True
+            self.finished.emit(item[1], item[2])
+
+    def processEvents(self) -> bool:
+        """Emit queued output and completion; True once ``finished`` has been emitted."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return self._finishedDelivered
+            self._dispatch(item)
+
+    def waitForFinished(self, timeoutSeconds: Optional[float] = None) -> bool:
+        deadline = None if timeoutSeconds is None else time.monotonic() + timeoutSeconds
+        while not self._finishedDelivered:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            try:
+                item = self._queue.get(timeout=0.1 if remaining is None else min(remaining, 0.1))
+            except queue.Empty:
+                continue
+            self._dispatch(item)
+        return True
+
+    def isRunning(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def stop(self, graceSeconds: float = 3.0) -> None:
+        process = self._process
+        if process is None or process.poll() is not None:
+            return
+        self._signal(process, graceful=True)
+        try:
+            process.wait(timeout=graceSeconds)
+        except subprocess.TimeoutExpired:
+            self._signal(process, graceful=False)
+            process.wait()
+        if os.name == "posix":
+            # Children that ignored the interrupt must not outlive the job either.
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    @staticmethod
+    def _signal(process: subprocess.Popen, graceful: bool) -> None:
+        try:
+            if os.name == "posix":
+                os.killpg(process.pid, signal.SIGINT if graceful else signal.SIGKILL)
+            else:  # pragma: no cover - Windows: no interrupt for a process without a console of its own
+                process.kill()
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class QProcessRunner:
+    """``qt.QProcess`` runner for Slicer: non-blocking, signals delivered on Qt's main thread."""
+
+    def __init__(self, parent=None):
+        import qt  # Slicer only; imported here so the package stays importable without Qt.
+
+        self._qt = qt
+        self.stdoutReceived = Signal()
+        self.stderrReceived = Signal()
+        self.finished = Signal()
+        self._finishedDelivered = True
+        self._process = qt.QProcess(parent)
+        self._process.setProcessChannelMode(qt.QProcess.SeparateChannels)
+        self._process.readyReadStandardOutput.connect(self._onStdout)
+        self._process.readyReadStandardError.connect(self._onStderr)
+        self._process.finished.connect(self._onFinished)
+        self._process.errorOccurred.connect(self._onError)
+        self._killTimer = qt.QTimer()
+        self._killTimer.setSingleShot(True)
+        self._killTimer.timeout.connect(self._killIfRunning)
+
+    def start(self, program, args, env=None, workingDirectory=None) -> None:
+        if self.isRunning():
+            raise RuntimeError("process already running")
+        qt = self._qt
+        environment = qt.QProcessEnvironment.systemEnvironment()
+        for key, value in _mergedEnvironment(env).items():
+            environment.insert(key, value)
+        self._process.setProcessEnvironment(environment)
+        if workingDirectory:
+            self._process.setWorkingDirectory(workingDirectory)
+        self._finishedDelivered = False
+        self._process.start(program, list(args))
+
+    @staticmethod
+    def _bytes(byteArray) -> bytes:
+        data = byteArray.data()
+        return data if isinstance(data, bytes) else bytes(data)
+
+    def _onStdout(self) -> None:
+        data = self._bytes(self._process.readAllStandardOutput())
+        if data:
+            self.stdoutReceived.emit(data)
+
+    def _onStderr(self) -> None:
+        data = self._bytes(self._process.readAllStandardError())
+        if data:
+            self.stderrReceived.emit(data)
+
+    def _deliverFinished(self, exitCode, errorText: str) -> None:
+        if self._finishedDelivered:
+            return
+        self._finishedDelivered = True
+        self._killTimer.stop()
+        self.finished.emit(exitCode, errorText)
+
+    def _onFinished(self, exitCode, exitStatus) -> None:
+        self._onStdout()
+        self._onStderr()
+        crashed = exitStatus == self._qt.QProcess.CrashExit
+        self._deliverFinished(None if crashed else int(exitCode), "")
+
+    def _onError(self, error) -> None:
+        if error == self._qt.QProcess.FailedToStart:
+            self._deliverFinished(None, f"Could not start {self._process.program()}: {self._process.errorString()}")
+
+    def isRunning(self) -> bool:
+        return self._process.state() != self._qt.QProcess.NotRunning
+
+    def stop(self, graceSeconds: float = 3.0) -> None:
+        if not self.isRunning():
+            return
+        pid = int(self._process.processId())
+        if os.name == "posix" and pid > 0:
+            # An interrupt lets the engine clean up (KeyboardInterrupt); kill() follows if it does not end in time.
+            try:
+                os.kill(pid, signal.SIGINT)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self._killTimer.start(int(graceSeconds * 1000))
+        else:  # Windows: console programs ignore terminate(); there is no gentler way
+            self._process.kill()
+
+    def _killIfRunning(self) -> None:
+        if self.isRunning():
+            self._process.kill()
+
+    def waitForFinished(self, timeoutSeconds: Optional[float] = None) -> bool:
+        if not self.isRunning():
+            return self._finishedDelivered
+        milliseconds = -1 if timeoutSeconds is None else int(timeoutSeconds * 1000)
+        self._process.waitForFinished(milliseconds)
+        if not self.isRunning():
+            self._qt.QCoreApplication.processEvents()
+        return self._finishedDelivered

@@ -1,0 +1,183 @@
+"""Checks that need no Slicer: the .ui file, names the code uses, Qt-free library imports, CMake lists."""
+
+import ast
+import os
+import py_compile
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import xml.etree.ElementTree as ElementTree
+
+import pytest
+
+from nnsam_slicer_helpers import EFFECT_DIRECTORY, MODULE_DIRECTORY, REPOSITORY
+
+UI_FILE = MODULE_DIRECTORY / "Resources" / "UI" / "NNSAMSegment.ui"
+MODULE_FILE = MODULE_DIRECTORY / "NNSAMSegment.py"
+LIB_DIRECTORY = MODULE_DIRECTORY / "NNSAMSegmentLib"
+SLICER_FILES = [MODULE_FILE, EFFECT_DIRECTORY / "SegmentEditorNNSAM.py",
+                EFFECT_DIRECTORY / "SegmentEditorNNSAMLib" / "SegmentEditorEffect.py",
+                EFFECT_DIRECTORY / "SegmentEditorNNSAMLib" / "__init__.py"]
+
+
+@pytest.fixture(scope="module")
+def uiTree():
+    return ElementTree.parse(UI_FILE)  # raises on malformed XML
+
+
+def _widgets(tree):
+    return {widget.get("name"): widget.get("class") for widget in tree.iter("widget")}
+
+
+def test_ui_file_is_qt_designer_xml(uiTree):
+    root = uiTree.getroot()
+    assert root.tag == "ui" and root.get("version") == "4.0"
+    assert root.findtext("class") == "NNSAMSegment"
+    top = root.find("widget")
+    assert (top.get("class"), top.get("name")) == ("qMRMLWidget", "NNSAMSegment")
+    names = [widget.get("name") for widget in uiTree.iter("widget")]
+    assert len(names) == len(set(names)), "widget names must be unique"
+    layouts = [layout.get("name") for layout in uiTree.iter("layout")]
+    assert len(layouts) == len(set(layouts))
+
+
+def test_custom_widget_classes_are_declared(uiTree):
+    declared = {custom.findtext("class") for custom in uiTree.getroot().iter("customwidget")}
+    used = set(_widgets(uiTree).values())
+    assert {cls for cls in used if not cls.startswith("Q")} <= declared
+
+
+def test_connections_name_existing_widgets(uiTree):
+    names = set(_widgets(uiTree))
+    connections = list(uiTree.getroot().iter("connection"))
+    assert connections, "MRML selectors need the scene from the top widget"
+    for connection in connections:
+        assert connection.findtext("sender") in names
+        assert connection.findtext("receiver") in names
+    receivers = {c.findtext("receiver") for c in connections if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    mrmlWidgets = {name for name, cls in _widgets(uiTree).items() if cls.startswith("qMRML") and cls != "qMRMLWidget"}
+    assert mrmlWidgets <= receivers
+
+
+def test_every_ui_name_used_by_the_code_exists_in_the_ui_file(uiTree):
+    code = MODULE_FILE.read_text()
+    used = set(re.findall(r"\bui\.(\w+)", code))
+    assert len(used) > 20  # the scan really found the panel's widgets
+    missing = used - set(_widgets(uiTree))
+    assert not missing, f"names used as self.ui.<name> but absent from the .ui file: {sorted(missing)}"
+
+
+def test_slicer_side_files_compile():
+    for path in SLICER_FILES:
+        py_compile.compile(str(path), doraise=True)
+
+
+def test_module_file_defines_the_four_scripted_classes():
+    tree = ast.parse(MODULE_FILE.read_text())
+    classes = {node.name: [base.id for base in node.bases if isinstance(base, ast.Name)]
+               for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert classes["NNSAMSegment"] == ["ScriptedLoadableModule"]
+    assert classes["NNSAMSegmentWidget"][0] == "ScriptedLoadableModuleWidget"
+    assert classes["NNSAMSegmentLogic"] == ["ScriptedLoadableModuleLogic"]
+    assert classes["NNSAMSegmentTest"] == ["ScriptedLoadableModuleTest"]
+    effect = ast.parse((EFFECT_DIRECTORY / "SegmentEditorNNSAMLib" / "SegmentEditorEffect.py").read_text())
+    effectClasses = [node.name for node in effect.body if isinstance(node, ast.ClassDef)]
+    assert effectClasses == ["SegmentEditorEffect"]  # the name Slicer's scripted-effect loader looks for
+
+
+def test_library_imports_without_qt_or_slicer():
+    """Importing any library module must not pull in Qt, CTK, or Slicer (only Slicer-only code paths do)."""
+    modules = sorted(path.stem for path in LIB_DIRECTORY.glob("*.py") if path.stem != "__init__")
+    script = textwrap.dedent(f"""
+        import importlib, sys
+        BLOCKED = ("qt", "ctk", "slicer", "vtk", "vtkmodules", "SimpleITK", "torch")
+
+        class Blocker:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError("blocked at import time: " + name)
+                return None
+
+        sys.meta_path.insert(0, Blocker())
+        sys.path.insert(0, {str(MODULE_DIRECTORY)!r})
+        for name in {modules!r}:
+            importlib.import_module("NNSAMSegmentLib." + name)
+        print("ok", len({modules!r}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"ok {len(modules)}"
+
+
+def _cmakeList(cmakeFile, variable):
+    text = cmakeFile.read_text()
+    block = re.search(r"set\(" + variable + r"\s+(.*?)\)", text, re.DOTALL).group(1)
+    return [entry.replace("${MODULE_NAME}", re.search(r"set\(MODULE_NAME (\w+)\)", text).group(1))
+            for entry in block.split()]
+
+
+def test_cmake_lists_every_library_module_and_resource():
+    scripts = _cmakeList(MODULE_DIRECTORY / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS")
+    onDisk = {"NNSAMSegment.py"} | {f"NNSAMSegmentLib/{p.name}" for p in LIB_DIRECTORY.glob("*.py")}
+    assert set(scripts) == onDisk
+    for directory in (MODULE_DIRECTORY, EFFECT_DIRECTORY):
+        for variable in ("MODULE_PYTHON_SCRIPTS", "MODULE_PYTHON_RESOURCES"):
+            for entry in _cmakeList(directory / "CMakeLists.txt", variable):
+                assert (directory / entry).is_file(), entry
+
+
+FAKE_SLICER_CONFIG = textwrap.dedent("""
+    # Just enough of Slicer's CMake interface to configure the extension (no Slicer build needed).
+    set(Slicer_USE_FILE ${CMAKE_CURRENT_LIST_DIR}/UseSlicer.cmake)
+    set(Slicer_EXTENSION_GENERATE_CONFIG ${CMAKE_CURRENT_LIST_DIR}/Empty.cmake)
+    set(Slicer_EXTENSION_CPACK ${CMAKE_CURRENT_LIST_DIR}/Empty.cmake)
+    set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.10/qt-scripted-modules)
+    set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.10/qt-scripted-modules)
+""")
+FAKE_USE_SLICER = textwrap.dedent("""
+    macro(slicerMacroBuildScriptedModule)
+      cmake_parse_arguments(MY "WITH_GENERIC_TESTS" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
+      if(MY_UNPARSED_ARGUMENTS)
+        message(FATAL_ERROR "unknown arguments ${MY_UNPARSED_ARGUMENTS}")
+      endif()
+      foreach(file ${MY_SCRIPTS} ${MY_RESOURCES})
+        if(NOT EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/${file})
+          message(FATAL_ERROR "missing ${file}")
+        endif()
+        configure_file(${CMAKE_CURRENT_SOURCE_DIR}/${file}
+                       ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/${file} COPYONLY)
+      endforeach()
+      set_property(GLOBAL APPEND PROPERTY FAKE_MODULES ${MY_NAME})
+    endmacro()
+    macro(slicer_add_python_unittest)
+    endmacro()
+""")
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_extension_configures_and_lays_out_shared_resources(tmp_path):
+    fake = tmp_path / "FakeSlicer"
+    fake.mkdir()
+    (fake / "SlicerConfig.cmake").write_text(FAKE_SLICER_CONFIG)
+    (fake / "UseSlicer.cmake").write_text(FAKE_USE_SLICER)
+    (fake / "Empty.cmake").write_text("")
+    build = tmp_path / "build"
+    result = subprocess.run(
+        ["cmake", "-S", str(REPOSITORY), "-B", str(build), f"-DSlicer_DIR={fake}", "-DBUILD_TESTING=ON",
+         "-DCMAKE_C_COMPILER_WORKS=1", "-DCMAKE_CXX_COMPILER_WORKS=1"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    cache = (build / "CMakeCache.txt").read_text()
+    assert "CMAKE_PROJECT_NAME:STATIC=NNSAMSegment" in cache
+    scripted = build / "lib" / "Slicer-5.10" / "qt-scripted-modules"
+    assert (scripted / "Resources" / "UI" / "NNSAMSegment.ui").is_file()
+    assert (scripted / "SegmentEditorNNSAMLib" / "SegmentEditorEffect.py").is_file()
+    # The library finds the shared resources where the build put them (flat qt-scripted-modules layout).
+    from NNSAMSegmentLib.SharedResources import TERMINOLOGY_FILE, WEIGHTS_MANIFEST_FILE, sharedResourcePath
+
+    libDirectory = str(scripted / "NNSAMSegmentLib")
+    for resource in (TERMINOLOGY_FILE, WEIGHTS_MANIFEST_FILE):
+        found = sharedResourcePath(resource, libDir=libDirectory)
+        assert found == os.path.join(str(scripted), "Resources", "Shared", resource)
