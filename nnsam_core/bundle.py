@@ -251,8 +251,9 @@ def import_zip(zip_path: os.PathLike, target: os.PathLike) -> Path:
     return target
 
 
-def safe_extract_zip(zip_path: Path, dest: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
+def safe_extract_zip(zip_path: Path, dest: Path, max_bytes: Optional[int] = None) -> Path:
     """Extract only plain files with plain relative names, within a total size limit; returns the folder."""
+    max_bytes = MAX_UNPACKED_BYTES if max_bytes is None else max_bytes
     if not zipfile.is_zipfile(zip_path):
         raise NNSAMError(f"{zip_path} is not a .zip file")
     with zipfile.ZipFile(zip_path) as archive:

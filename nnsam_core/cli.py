@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(train)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue a stopped training of the same bundle")
+    train.add_argument("--checkpoint-every", type=int, metavar="N",
+                       help="write a resumable checkpoint every N iterations (default: every tenth of the run)")
     train.add_argument("--keep-work-dir", action="store_true", help="keep nnU-Net's working folder")
     _add_progress(train)
     train.set_defaults(func=_train)
@@ -126,7 +128,7 @@ def _train(args) -> int:
     fine_tune(args.image, args.labels, output=args.output, slices=slices, class_names=names,
               dataset_dir=args.dataset, encoder=args.encoder, method=args.method, preset=args.preset,
               iterations=args.iterations, device=args.device, seed=args.seed, modality=args.modality,
-              resume=args.resume, keep_work_dir=args.keep_work_dir, progress=_reporter(args))
+              resume=args.resume, checkpoint_every=args.checkpoint_every, keep_work_dir=args.keep_work_dir, progress=_reporter(args))
     return 0
 
 

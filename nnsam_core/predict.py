@@ -30,10 +30,6 @@ from .workspace import CONFIGURATION, _StderrProxy
 DEFAULT_SLAB = 16
 
 
-class _OutOfMemory(Exception):
-    pass
-
-
 class Segmenter:
     """A loaded bundle ready to segment volumes (the network and encoder are built once)."""
 
@@ -93,13 +89,14 @@ class Segmenter:
             try:
                 labels = self._segment_volume(volume, device, slab, progress)
                 break
-            except _OutOfMemory:
+            except torch.cuda.OutOfMemoryError:
                 if i == len(attempts) - 1:
                     raise NNSAMError("out of memory while segmenting even on the CPU; close other programs or "
                                      "crop the volume") from None
                 nxt = attempts[i + 1]
                 progress(make_event("predict", message=f"out of GPU memory; retrying on {nxt[0].type} with "
                                                        f"{nxt[1]} slices at a time"))
+                self.network.to("cpu")  # free what the failed attempt held on the GPU
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
         out = sitk.GetImageFromArray(labels)
@@ -152,8 +149,6 @@ class Segmenter:
                 elapsed = time.monotonic() - started
                 progress(make_event("predict", z1, n_slices, eta_s=elapsed / z1 * (n_slices - z1),
                                     message=f"segmented {z1}/{n_slices} slices"))
-        except torch.cuda.OutOfMemoryError:
-            raise _OutOfMemory() from None
         finally:
             if bank is not None:
                 self.encoder_calls += bank.encoder_calls

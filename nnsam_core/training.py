@@ -115,13 +115,17 @@ class nnUNetTrainerFewShot(nnUNetTrainer):
         self._steps_done = 0
         self._train_started_at: Optional[float] = None
 
-    def set_schedule(self, total_iterations: int) -> None:
-        per_epoch = max(1, min(self.iterations_per_epoch_cap, total_iterations))
+    def set_schedule(self, total_iterations: int, checkpoint_every: Optional[int] = None) -> None:
+        """Train ``total_iterations`` steps. Epochs are nnU-Net's unit of logging and resumable checkpoints:
+        by default 25 iterations with a checkpoint every tenth of the run; ``checkpoint_every`` makes epochs of
+        that many iterations, each ending in a checkpoint."""
+        per_epoch = checkpoint_every or self.iterations_per_epoch_cap
+        per_epoch = max(1, min(per_epoch, total_iterations))
         self.num_iterations_per_epoch = per_epoch
         self.num_epochs = max(1, -(-total_iterations // per_epoch))
         # nnU-Net's per-epoch validation only feeds its pseudo-Dice log; one batch is enough for few-shot runs.
         self.num_val_iterations_per_epoch = 50 if per_epoch >= 250 else 1
-        self.save_every = max(1, self.num_epochs // 10)
+        self.save_every = 1 if checkpoint_every else max(1, self.num_epochs // 10)
 
     @property
     def total_iterations(self) -> int:
@@ -135,7 +139,11 @@ class nnUNetTrainerFewShot(nnUNetTrainer):
         # 'best' by pseudo-Dice on the few training slices says little and costs a full write each epoch.
         if os.path.basename(filename) == "checkpoint_best.pth":
             return
-        super().save_checkpoint(filename)
+        # Write under a temporary name and rename: a kill mid-write must not leave a corrupt resume point.
+        partial = f"{filename}.partial"
+        super().save_checkpoint(partial)
+        if os.path.exists(partial):
+            os.replace(partial, filename)
 
     def on_train_start(self):
         super().on_train_start()
