@@ -21,8 +21,7 @@ from .bundle import Bundle, exclusive_output, write_bundle
 from .devices import resolve_device
 from .encoders import SAM_INPUT_PREPARATION, get_spec
 from .errors import NNSAMError
-from .images import (annotated_slices, as_volume, check_image, parse_slices, read_image, read_labels,
-                     same_geometry)
+from .images import annotated_slices, as_volume, check_image, parse_slices, read_image, read_labels
 from .progress import ProgressCallback, make_event, silent
 from .training import config_of_trainer, trainer_for
 from .workspace import (CONFIGURATION, FOLD, TrainingCase, Workspace, plan_and_preprocess, slice_case,
@@ -45,20 +44,7 @@ def cases_from_sparse_slices(image: ImageLike, labels: ImageLike, slices: Option
                              class_names: Optional[Sequence[str]] = None) -> tuple[list[TrainingCase], list[str], list[int]]:
     """One training case per annotated axial slice; slices not annotated are never training data."""
     image = _as_image(image, "image")
-    if isinstance(labels, sitk.Image):
-        label_image = as_volume(labels)
-        mismatch = same_geometry(image, label_image)
-        if mismatch:
-            raise NNSAMError(f"label map does not match the image ({mismatch}); resample the labels onto the image")
-        from .images import Labels
-        values = np.unique(sitk.GetArrayViewFromImage(label_image))
-        names = list(class_names) if class_names else [f"class_{v}" for v in range(1, int(values.max()) + 1)]
-        if values.min() < 0 or values.max() > len(names):
-            raise NNSAMError(f"label values {values.tolist()} do not fit the {len(names)} classes "
-                             f"({', '.join(names)}); fix the labels or the class names")
-        parsed = Labels(sitk.Cast(label_image, sitk.sitkUInt8), names)
-    else:
-        parsed = read_labels(labels, image, class_names)
+    parsed = read_labels(labels, image, class_names)
     n_slices = image.GetSize()[2]
     chosen = parse_slices(",".join(map(str, slices)), n_slices) if slices is not None else annotated_slices(parsed.image)
     if not chosen:

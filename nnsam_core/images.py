@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -90,37 +90,38 @@ def same_geometry(a: sitk.Image, b: sitk.Image) -> Optional[str]:
     return None
 
 
-def read_labels(path: os.PathLike, image: sitk.Image, class_names: Optional[Sequence[str]] = None) -> Labels:
-    """A label map file or a Slicer ``.seg.nrrd`` on the image's grid.
+def read_labels(source: Union[os.PathLike, str, sitk.Image], image: sitk.Image,
+                class_names: Optional[Sequence[str]] = None) -> Labels:
+    """A label map (file or SimpleITK image) or a Slicer ``.seg.nrrd`` on the image's grid.
 
     Plain label maps must share the image's geometry exactly. A ``.seg.nrrd`` is Slicer's segmentation file:
     its segment names become the class names (value = segment order + 1), and its (often cropped) extent is
     placed onto the image grid.
     """
-    path = Path(path)
-    if str(path).lower().endswith(".seg.nrrd"):
-        labels = _read_seg_nrrd(path, image)
+    if isinstance(source, sitk.Image):
+        what, labels = "label map", Labels(as_volume(source), [])
+    elif str(source).lower().endswith(".seg.nrrd"):
+        what, labels = f"label map {Path(source).name}", _read_seg_nrrd(Path(source), image)
     else:
-        label_image = as_volume(read_image(path, "label map"))
-        if label_image.GetNumberOfComponentsPerPixel() != 1:
-            raise NNSAMError(f"label map {path} has several components per voxel; give one integer label map")
-        labels = Labels(label_image, [])
+        what, labels = f"label map {Path(source).name}", Labels(as_volume(read_image(source, "label map")), [])
+    if labels.image.GetNumberOfComponentsPerPixel() != 1:
+        raise NNSAMError(f"{what} has several components per voxel; give one integer label map")
     mismatch = same_geometry(image, labels.image)
     if mismatch:
-        raise NNSAMError(f"label map {path.name} does not match the image ({mismatch}); "
+        raise NNSAMError(f"{what} does not match the image ({mismatch}); "
                          "resample the labels onto the image grid or export them from the same volume")
     array = sitk.GetArrayViewFromImage(labels.image)
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all() or not np.array_equal(array, np.round(array)):
-            raise NNSAMError(f"label map {path.name} has non-integer values; give an integer label map")
+            raise NNSAMError(f"{what} has non-integer values; give an integer label map")
     values = np.unique(array)
     if values.min() < 0:
-        raise NNSAMError(f"label map {path.name} has negative values; labels must be 0 (background) or 1..N")
+        raise NNSAMError(f"{what} has negative values; labels must be 0 (background) or 1..N")
     names = list(class_names) if class_names else labels.class_names
     max_value = int(values.max())
     if names:
         if max_value > len(names):
-            raise NNSAMError(f"label map {path.name} uses value {max_value} but only {len(names)} classes are named "
+            raise NNSAMError(f"{what} uses value {max_value} but only {len(names)} classes are named "
                              f"({', '.join(names)}); name every class or fix the labels")
     else:
         names = [f"class_{v}" for v in range(1, max_value + 1)]
