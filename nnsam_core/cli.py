@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", choices=("quick", "full"), default="quick",
                        help="quick: 250 iterations; full: nnU-Net's 1000 epochs x 250 iterations")
     train.add_argument("--iterations", type=int, help="override the preset's number of training iterations")
+    train.add_argument("--inject-stride", type=int, default=8, choices=(2, 4, 8, 16, 32),
+                       help="inject the SAM embedding at the skip with this downsampling (default 8, the authors')")
+    train.add_argument("--embedding-norm", choices=("standardise", "none"), default="standardise",
+                       help="standardise SAM features per channel with training statistics (default) or not")
     train.add_argument("--modality", default="CT", help="nnU-Net channel name deciding normalisation (CT, MR, ...)")
     _add_device(train)
     train.add_argument("--seed", type=int, default=0)
@@ -125,7 +129,15 @@ def _train(args) -> int:
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     if names is not None and (not all(names) or len(set(names)) != len(names)):
         raise NNSAMError(f"--class-names '{args.class_names}' must be distinct, non-empty names, e.g. LV,RV,Myo")
-    fine_tune(args.image, args.labels, output=args.output, slices=slices, class_names=names,
+    config = None
+    if args.method != "nnunet":
+        from .network import NNSAMConfig
+        from .training import config_of_trainer, trainer_for
+        base = config_of_trainer(trainer_for(args.method, args.encoder))
+        config = NNSAMConfig(encoder=base.encoder, pretrained=base.pretrained, random_seed=base.random_seed,
+                             inject_stride=args.inject_stride, embedding_norm=args.embedding_norm)
+        config = None if config == base else config
+    fine_tune(args.image, args.labels, output=args.output, nnsam_config=config, slices=slices, class_names=names,
               dataset_dir=args.dataset, encoder=args.encoder, method=args.method, preset=args.preset,
               iterations=args.iterations, device=args.device, seed=args.seed, modality=args.modality,
               resume=args.resume, checkpoint_every=args.checkpoint_every, keep_work_dir=args.keep_work_dir, progress=_reporter(args))
