@@ -143,18 +143,24 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fineTuneButton.connect("clicked(bool)", lambda checked: self._guard(self.onFineTune))
         self.ui.segmentButton.connect("clicked(bool)", lambda checked: self._guard(self.onSegment))
         self.ui.stopButton.connect("clicked(bool)", lambda checked: self.logic.workflow.stop())
+        self.ui.resumeFineTuneButton.connect("clicked(bool)", lambda checked: self._guard(self.onResumeFineTune))
+        self.ui.discardResumeButton.connect("clicked(bool)", lambda checked: self._guard(self.onDiscardResume))
         self.ui.undoResultButton.connect("clicked(bool)", lambda checked: self._guard(self.onUndoResult))
 
         self._workflowConnections = [
             (workflow.jobStarted, workflow.jobStarted.connect(self.onJobStarted)),
             (workflow.bundleChanged, workflow.bundleChanged.connect(lambda bundle: self.updateBundleLabel())),
+            (workflow.resumableChanged, workflow.resumableChanged.connect(self.onResumableChanged)),
         ]
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         if workflow.currentBundle is None:
             workflow.restoreLastBundle()  # one-click Segment with the model used last time
+        if workflow.resumableFineTune is None:
+            workflow.restoreResumableFineTune()  # a fine-tune stopped in an earlier session
         self.selectDefaultInputs()
+        self.onResumableChanged(workflow.resumableFineTune)
         self.updateBundleLabel()
         self.onEncoderChanged()
         self.updateButtons()
@@ -392,8 +398,31 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFineTune(self) -> None:
         options = self._trainOptions()
         options.validate()
+        if self.logic.workflow.resumableFineTune is not None and not isNonInteractive() and \
+                not slicer.util.confirmOkCancelDisplay(
+                    _("A stopped fine-tune can still be resumed. Start a new fine-tune and discard it?"),
+                    _("nnSAM: new fine-tune")):
+            return
         self._ensureDependencies()
         self.logic.workflow.startFineTune(self._volume(), self._annotations(), options)
+
+    def onResumeFineTune(self) -> None:
+        self._ensureDependencies()
+        self.logic.workflow.startResumeFineTune()
+
+    def onDiscardResume(self) -> None:
+        if not isNonInteractive() and not slicer.util.confirmOkCancelDisplay(
+                _("Delete the stopped fine-tune's work? It cannot be resumed afterwards."), _("nnSAM: discard")):
+            return
+        if self.logic.workflow.discardResumableFineTune():
+            self.ui.statusLabel.text = _("The stopped fine-tune was discarded.")
+
+    def onResumableChanged(self, record) -> None:
+        tip = _("No stopped fine-tune to resume.")
+        self.ui.resumeFineTuneButton.toolTip = record.describe() if record is not None else tip
+        self.ui.discardResumeButton.toolTip = _("Delete the stopped fine-tune's saved work.") if record is not None \
+            else tip
+        self.updateButtons()
 
     def onSegment(self) -> None:
         self._ensureDependencies()
@@ -478,6 +507,9 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.enabled = not busy and volume is not None and hasModel and (
             self._resultTarget() == "new" or annotations is not None)
         self.ui.stopButton.enabled = busy
+        resumable = workflow.resumableFineTune is not None
+        self.ui.resumeFineTuneButton.enabled = not busy and resumable
+        self.ui.discardResumeButton.enabled = not busy and resumable
         self.ui.undoResultButton.enabled = not busy and workflow.lastSnapshot is not None
         self.ui.createCardiacSegmentsButton.enabled = not busy
         for button in (self.ui.saveBundleButton, self.ui.exportBundleButton):
@@ -518,7 +550,7 @@ class NNSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
         logic = NNSAMSegment.NNSAMSegmentLogic()
         job = logic.workflow.startFineTune(volumeNode, annotationSegmentationNode)
-        job.wait()
+        job.wait()  # after a stop: logic.workflow.startResumeFineTune() continues from the last checkpoint
         job = logic.workflow.startSegment(volumeNode, target="new")
         job.wait()
     """

@@ -20,6 +20,11 @@ METHODS = ("nnsam", "nnunet", "nnsam-random")  # nnsam-random: control with a ra
 PRESETS = ("quick", "full")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 ENGINE_MODULE = "nnsam_core.cli"
+# Iterations between resumable checkpoints, per preset: one of the engine's own epochs (25 iterations for quick,
+# 250 for full), so the schedule is the engine's default and only the checkpoints come more often (the default
+# writes one every tenth of the run: hours of a full run). A Stop then loses at most one epoch: seconds to a few
+# minutes on a GPU.
+CHECKPOINT_EVERY = {"quick": 25, "full": 250}
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class TrainOptions:
     iterations: Optional[int] = None
     seed: Optional[int] = None
     resume: bool = False
+    checkpointEvery: Optional[int] = None  # iterations between resumable checkpoints (None: the engine's default)
 
     def validate(self) -> None:
         _checkChoice("encoder", self.encoder, ENCODERS)
@@ -51,6 +57,9 @@ class TrainOptions:
             raise UserError(f"The number of iterations must be a whole number of 1 or more, not {self.iterations}.")
         if self.seed is not None and _asCount(self.seed) < 0:
             raise UserError(f"The random seed must be a whole number of 0 or more, not {self.seed}.")
+        if self.checkpointEvery is not None and _asCount(self.checkpointEvery) < 1:
+            raise UserError("The checkpoint interval must be a whole number of 1 or more iterations, not "
+                            f"{self.checkpointEvery}.")
 
 
 def _asCount(value) -> int:
@@ -129,6 +138,8 @@ class EngineCommandBuilder:
             args += ["--iterations", int(options.iterations)]
         if options.seed is not None:
             args += ["--seed", int(options.seed)]
+        if options.checkpointEvery is not None:
+            args += ["--checkpoint-every", int(options.checkpointEvery)]
         if options.resume:
             args.append("--resume")
         args += ["--progress", self.progressFormat]

@@ -3,6 +3,8 @@
 Everything the job writes lives in its own temporary folder, and results leave that folder only after the engine
 exited with status 0 (the ``onSuccess`` callback moves or imports them). Stop kills the process and deletes the
 folder, so a stopped or failed job never leaves a half-written bundle or label map where the user keeps theirs.
+The one exception is asked for by the ``keepFolder`` callback: a stopped training keeps its folder (never the
+user's bundle store) so that it can be resumed from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -44,20 +46,23 @@ class EngineJob:
 
     Signals: ``progress(ProgressEvent)``, ``logged(str)`` for every line of output, ``finished(EngineJob)`` once.
     ``onSuccess(job)`` runs after exit status 0 and before the folder is deleted; a :class:`UserError` it raises
-    turns the job into a failure with that message.
+    turns the job into a failure with that message. ``keepFolder(job)`` is asked after a stop or failure: it
+    returns None to delete the folder as usual, or a sentence for the user (e.g. how to resume) to keep it.
     """
 
     MAX_LOG_LINES = 2000
 
     def __init__(self, runner: ProcessRunner, command: EngineCommand, jobDirectory: str, title: str = "",
                  onSuccess: Optional[Callable[["EngineJob"], None]] = None, env: Optional[dict] = None,
-                 clock: Callable[[], float] = time.monotonic, kind: str = ""):
+                 clock: Callable[[], float] = time.monotonic, kind: str = "",
+                 keepFolder: Optional[Callable[["EngineJob"], Optional[str]]] = None):
         self.runner = runner
         self.command = command
         self.jobDirectory = jobDirectory
         self.title = title or "Engine job"
         self.kind = kind  # what the job does, e.g. "fine-tune", "predict", "weights-status"
         self.onSuccess = onSuccess
+        self.keepFolder = keepFolder
         self.env = env
         self.clock = clock
 
@@ -69,6 +74,8 @@ class EngineJob:
         self.exitCode: Optional[int] = None
         self.errorMessage = ""
         self.result = None  # set by onSuccess, e.g. the adopted bundle or the result segmentation node
+        self.folderKept = False  # True when keepFolder kept the folder of a stopped or failed job
+        self.stagesSeen: set = set()  # the progress stages the engine reported, e.g. {"prepare", "train"}
         self.tracker = ProgressTracker()
         self.logLines: collections.deque = collections.deque(maxlen=self.MAX_LOG_LINES)
         self.stdoutLines: collections.deque = collections.deque(maxlen=self.MAX_LOG_LINES)  # non-progress stdout
@@ -146,6 +153,7 @@ class EngineJob:
             return
         if event.stage == "error" and event.message:
             self._errorEventMessage = event.message
+        self.stagesSeen.add(event.stage)
         self.tracker.update(event, self.clock())
         self.progress.emit(event)
 
@@ -185,10 +193,26 @@ class EngineJob:
             self.state = JobState.FAILED
             self.errorMessage = self._failureMessage(exitCode, errorText)
 
-        self._cleanUp()
+        note = self._askKeepFolder() if self.state != JobState.SUCCEEDED else None
+        if note:
+            self.folderKept = True
+            self.errorMessage = f"Stopped; no model was saved. {note}" if self.state == JobState.STOPPED \
+                else f"{self.errorMessage} {note}"
+            self._log(f"Kept job folder {self.jobDirectory}: {note}")
+        else:
+            self._cleanUp()
         if self.state == JobState.FAILED:
             self._log(f"Failed: {self.errorMessage}")
         self.finished.emit(self)
+
+    def _askKeepFolder(self) -> Optional[str]:
+        if self.keepFolder is None:
+            return None
+        try:
+            return self.keepFolder(self) or None
+        except Exception:  # a bug: fall back to the safe default (nothing half-finished is kept)
+            logging.exception("NNSAMSegment: deciding whether to keep the job folder failed")
+            return None
 
     def _runOnSuccess(self) -> None:
         try:

@@ -1,4 +1,4 @@
-"""Choices remembered between sessions: last bundle, encoder, preset, device, bundle folder.
+"""Choices remembered between sessions: last bundle, encoder, preset, device, bundle folder, resumable fine-tune.
 
 The store is anything with ``value(key, default)`` and ``setValue(key, value)``: ``qt.QSettings`` in Slicer
 (through :class:`QtSettingsStore`), a dict in tests.
@@ -72,6 +72,16 @@ class ModelMemory:
     @lastBundlePath.setter
     def lastBundlePath(self, path: Optional[str]) -> None:
         self._set("LastBundle", path or "")
+
+    @property
+    def resumableFineTunePath(self) -> Optional[str]:
+        """The job folder of a stopped fine-tune that can be resumed, if it still exists."""
+        path = self._get("ResumableFineTune", "")
+        return path if path and os.path.isdir(path) else None
+
+    @resumableFineTunePath.setter
+    def resumableFineTunePath(self, path: Optional[str]) -> None:
+        self._set("ResumableFineTune", path or "")
 
     @property
     def encoder(self) -> str:

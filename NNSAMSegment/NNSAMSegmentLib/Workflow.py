@@ -4,10 +4,16 @@ Each ``start...`` method checks the inputs (bad input -> one-line :class:`UserEr
 the engine's inputs into a fresh job folder, and returns a started :class:`EngineJob`. Results are taken over
 only when the engine succeeded: a fine-tuned bundle is moved into the bundle store, a prediction is imported into
 the scene. One job runs at a time.
+
+A fine-tune that is stopped or fails once training has begun keeps its job folder (inputs, the engine's work
+folder with its checkpoints; never a bundle in the store) as the *resumable fine-tune*, remembered across
+sessions; :meth:`NNSAMWorkflow.startResumeFineTune` runs the same command again with ``--resume`` in that folder.
+A new fine-tune or :meth:`NNSAMWorkflow.discardResumableFineTune` deletes it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from typing import Callable, Optional
@@ -16,9 +22,10 @@ import numpy as np
 
 from .Annotations import AnnotationReader, describeSlices
 from .Bundles import BundleInfo, BundleStore, placeBundle, timestampedName
-from .EngineCommands import EngineCommand, EngineCommandBuilder, TrainOptions
-from .EngineJob import EngineJob, createJobDirectory
+from .EngineCommands import CHECKPOINT_EVERY, EngineCommand, EngineCommandBuilder, TrainOptions
+from .EngineJob import EngineJob, JobState, createJobDirectory
 from .Errors import UserError
+from .FineTuneResume import FineTuneRecord, resumeNote
 from .ImageGeometry import imageFromVolumeNode
 from .ProcessRunner import ProcessRunner
 from .ResultImport import ImportSummary, ResultImporter, SegmentationSnapshot
@@ -47,8 +54,10 @@ class NNSAMWorkflow:
         self.currentBundle: Optional[BundleInfo] = None
         self.currentJob: Optional[EngineJob] = None
         self.lastSnapshot: Optional[SegmentationSnapshot] = None
+        self.resumableFineTune: Optional[FineTuneRecord] = None
         self.jobStarted = Signal()  # (EngineJob)
         self.bundleChanged = Signal()  # (BundleInfo or None)
+        self.resumableChanged = Signal()  # (FineTuneRecord or None)
 
     # ------------------------------------------------------------------------------------------------ bundles
     def restoreLastBundle(self) -> Optional[BundleInfo]:
@@ -114,46 +123,76 @@ class NNSAMWorkflow:
             self.currentJob.stop()
 
     def _startJob(self, kind: str, title: str, makeCommand: Callable[[str], EngineCommand],
-                  onSuccess: Optional[Callable[[EngineJob], None]] = None, background: bool = False) -> EngineJob:
+                  onSuccess: Optional[Callable[[EngineJob], None]] = None, background: bool = False,
+                  keepFolder: Optional[Callable[[EngineJob], Optional[str]]] = None,
+                  jobDirectory: Optional[str] = None) -> EngineJob:
         """Create a job folder, let ``makeCommand(folder)`` write inputs and build the command, start the job.
 
-        A ``background`` job (a quick read-only query) neither takes the one-job slot nor is announced.
+        A ``background`` job (a quick read-only query) neither takes the one-job slot nor is announced. An existing
+        ``jobDirectory`` (a resumed job) is used instead of a new one and is left alone if the job cannot start.
         """
         if self.isBusy and not background:
             raise UserError("Another nnSAM job is running; wait for it to finish or press Stop.")
-        jobDirectory = createJobDirectory(self.jobBaseDirectory)
+        newDirectory = jobDirectory is None
+        if newDirectory:
+            jobDirectory = createJobDirectory(self.jobBaseDirectory)
         try:
             command = makeCommand(jobDirectory)
             job = EngineJob(self.runnerFactory(), command, jobDirectory, title=title, onSuccess=onSuccess,
-                            env=self.env, kind=kind)
+                            env=self.env, kind=kind, keepFolder=keepFolder)
             if not background:
                 self.currentJob = job
                 self.jobStarted.emit(job)
             job.start()
         except BaseException:
-            # Nothing was started: leave no folder behind.
-            shutil.rmtree(jobDirectory, ignore_errors=True)
+            # Nothing was started: leave no new folder behind.
+            if newDirectory:
+                shutil.rmtree(jobDirectory, ignore_errors=True)
             raise
         return job
 
     def startFineTune(self, volumeNode, annotationNode, options: Optional[TrainOptions] = None) -> EngineJob:
-        """Fine-tune on the annotated slices; on success the bundle is stored and becomes the current model."""
-        options = options or TrainOptions()
+        """Fine-tune on the annotated slices; on success the bundle is stored and becomes the current model.
+
+        Once started it replaces (deletes) the resumable fine-tune, if any.
+        """
+        options = dataclasses.replace(options or TrainOptions(), resume=False)
+        if options.checkpointEvery is None:
+            options.checkpointEvery = CHECKPOINT_EVERY.get(options.preset)
         options.validate()
         if volumeNode is None:
             raise UserError("Select an input volume.")
         image = imageFromVolumeNode(volumeNode)
         training = self.annotationReader.trainingLabels(annotationNode, volumeNode)
-        bundleName = timestampedName(volumeNode.GetName() or "model")
+        title = f"Fine-tuning on {len(training.slices)} slices ({', '.join(training.classNames)})"
+        template = FineTuneRecord(jobDirectory="", bundleName=timestampedName(volumeNode.GetName() or "model"),
+                                  title=title, slices=tuple(training.slices),
+                                  classNames=tuple(training.classNames), options=options)
 
         def makeCommand(jobDirectory: str) -> EngineCommand:
-            imagePath = os.path.join(jobDirectory, "image.nrrd")
-            labelsPath = os.path.join(jobDirectory, "labels.nrrd")
-            image.write(imagePath)
-            image.withArray(training.labels.astype(np.uint8)).write(labelsPath, useCompression=True)
-            return self.commandBuilder.train(imagePath, labelsPath, os.path.join(jobDirectory, "bundle"),
-                                             training.slices, training.classNames, options)
+            record = dataclasses.replace(template, jobDirectory=jobDirectory)
+            image.write(record.imagePath)
+            image.withArray(training.labels.astype(np.uint8)).write(record.labelsPath, useCompression=True)
+            record.write()
+            return self._trainCommand(record, resume=False)
 
+        def keepFolder(job: EngineJob) -> Optional[str]:
+            return self._keepForResume(job, dataclasses.replace(template, jobDirectory=job.jobDirectory),
+                                       resumed=False)
+
+        replaced = self.resumableFineTune
+        job = self._startJob("fine-tune", title, makeCommand, self._adoptTrainedBundle(template.bundleName),
+                             keepFolder=keepFolder)
+        started = job.isRunning or job.state == JobState.SUCCEEDED  # not a failure to launch the engine at all
+        if replaced is not None and self.resumableFineTune is replaced and started:
+            self._forgetResumable(deleteFolder=True)
+        return job
+
+    def _trainCommand(self, record: FineTuneRecord, resume: bool) -> EngineCommand:
+        return self.commandBuilder.train(record.imagePath, record.labelsPath, record.bundlePath, record.slices,
+                                         record.classNames, dataclasses.replace(record.options, resume=resume))
+
+    def _adoptTrainedBundle(self, bundleName: str) -> Callable[[EngineJob], None]:
         def onSuccess(job: EngineJob) -> None:
             produced = os.path.join(job.jobDirectory, "bundle")
             if not os.path.isfile(os.path.join(produced, "nnsam.json")):
@@ -161,9 +200,72 @@ class NNSAMWorkflow:
             bundle = self.store.adopt(produced, bundleName)
             self.setCurrentBundle(bundle)
             job.result = bundle
+            if self.resumableFineTune is not None and self.resumableFineTune.jobDirectory == job.jobDirectory:
+                self._forgetResumable(deleteFolder=False)  # the job deletes its folder next
 
-        title = f"Fine-tuning on {len(training.slices)} slices ({', '.join(training.classNames)})"
-        return self._startJob("fine-tune", title, makeCommand, onSuccess)
+        return onSuccess
+
+    def _keepForResume(self, job: EngineJob, record: FineTuneRecord, resumed: bool) -> Optional[str]:
+        """``keepFolder`` of fine-tune jobs: keep a stopped or failed training that can go on."""
+        resumable = (job.exitCode != 0  # the engine did not finish (a finished one left nothing to resume)
+                     and record.inputsExist()
+                     and (resumed or "train" in job.stagesSeen or record.hasCheckpoint()))
+        if not resumable:
+            if self.resumableFineTune is not None and self.resumableFineTune.jobDirectory == job.jobDirectory:
+                self._forgetResumable(deleteFolder=False)  # the job deletes its folder next
+            return None
+        self._setResumable(record)
+        return resumeNote(record)
+
+    # ------------------------------------------------------------------------------------------------ resume
+    def _setResumable(self, record: Optional[FineTuneRecord]) -> None:
+        self.resumableFineTune = record
+        self.memory.resumableFineTunePath = record.jobDirectory if record is not None else None
+        self.resumableChanged.emit(record)
+
+    def _forgetResumable(self, deleteFolder: bool) -> None:
+        record = self.resumableFineTune
+        if record is None:
+            return
+        self._setResumable(None)
+        if deleteFolder:
+            shutil.rmtree(record.jobDirectory, ignore_errors=True)
+
+    def restoreResumableFineTune(self) -> Optional[FineTuneRecord]:
+        """Offer the fine-tune stopped in an earlier session again (if its folder is still there)."""
+        path = self.memory.resumableFineTunePath  # None if the folder was deleted since (e.g. temporary files)
+        if path is None:
+            return None
+        try:
+            self._setResumable(FineTuneRecord.read(path))
+        except UserError:
+            self.memory.resumableFineTunePath = None  # incomplete: forget it quietly
+            return None
+        return self.resumableFineTune
+
+    def startResumeFineTune(self) -> EngineJob:
+        """Continue the stopped fine-tune from its last checkpoint (same command, ``--resume``, same folder)."""
+        record = self.resumableFineTune
+        if record is None:
+            raise UserError("There is no stopped fine-tune to resume.")
+        if not record.inputsExist():
+            self._forgetResumable(deleteFolder=True)
+            raise UserError(f"The files of the stopped fine-tune in {record.jobDirectory} are gone; start a new "
+                            "fine-tune.")
+        return self._startJob("fine-tune", f"Resuming: {record.title}", lambda folder: self._trainCommand(record, True),
+                              self._adoptTrainedBundle(record.bundleName),
+                              keepFolder=lambda job: self._keepForResume(job, record, resumed=True),
+                              jobDirectory=record.jobDirectory)
+
+    def discardResumableFineTune(self) -> bool:
+        """Delete the stopped fine-tune's folder; False if there was none."""
+        record = self.resumableFineTune
+        if record is None:
+            return False
+        if self.isBusy and self.currentJob.jobDirectory == record.jobDirectory:
+            raise UserError("The stopped fine-tune is running again; press Stop first.")
+        self._forgetResumable(deleteFolder=True)
+        return True
 
     def startPredict(self, volumeNode, onPrediction: Callable[[np.ndarray, BundleInfo], object],
                      bundle: Optional[BundleInfo] = None, device: str = "auto", title: str = "Segmenting") \

@@ -19,7 +19,8 @@ Modules:
 - :mod:`.ProcessRunner`: process abstraction (subprocess-based, QProcess-based).
 - :mod:`.EngineJob`: one engine run with its temporary folder, progress, stop and clean-up.
 - :mod:`.Bundles`: model bundles (folders with ``nnsam.json``) and the local bundle store.
-- :mod:`.Settings`: remembered choices (last bundle, encoder, preset, device).
+- :mod:`.FineTuneResume`: a stopped fine-tune's kept job folder, described so it can be resumed.
+- :mod:`.Settings`: remembered choices (last bundle, encoder, preset, device, resumable fine-tune).
 - :mod:`.Devices`: which compute devices are available.
 - :mod:`.Weights`: the weights manifest and ``weights status`` output.
 - :mod:`.InstallLogic`: dependency check and installation (Slicer's SimpleITK and torch are never replaced).

@@ -23,6 +23,10 @@ def test_train_command_follows_the_engine_interface():
         "-m", "nnsam_core.cli", "train", "/j/image.nrrd", "/j/labels.nrrd", "-o", "/j/bundle",
         "--slices", "12,40,77", "--class-names", "LV,RV,Myo", "--encoder", "mobilesam", "--method", "nnsam",
         "--preset", "full", "--device", "cuda", "--iterations", "2", "--seed", "7", "--progress", "json"]
+    resumed = builder.train("/j/image.nrrd", "/j/labels.nrrd", "/j/bundle", [12], ["LV"],
+                            TrainOptions(checkpointEvery=25, resume=True))
+    assert list(resumed.args[-7:]) == ["--device", "auto", "--checkpoint-every", "25", "--resume", "--progress",
+                                      "json"]
 
 
 def test_other_commands():
@@ -47,6 +51,8 @@ def test_other_commands():
     (TrainOptions(iterations=True), "iterations"),
     (TrainOptions(iterations="many"), "iterations"),
     (TrainOptions(seed=-1), "seed"),
+    (TrainOptions(checkpointEvery=0), "checkpoint interval"),
+    (TrainOptions(checkpointEvery=2.5), "checkpoint interval"),
 ])
 def test_bad_options_give_one_line_messages(options, message):
     with pytest.raises(UserError, match=message) as raised:
@@ -158,6 +164,13 @@ def test_model_memory_forgets_missing_bundles_and_bad_values(tmp_path):
     assert memory.lastBundlePath is None
     memory.preset = "full"
     assert store.value("NNSAMSegment/Preset") == "full" and memory.preset == "full"
+    jobFolder = tmp_path / "job"
+    jobFolder.mkdir()
+    memory.resumableFineTunePath = str(jobFolder)
+    assert store.value("NNSAMSegment/ResumableFineTune") == str(jobFolder)
+    assert memory.resumableFineTunePath == str(jobFolder)
+    jobFolder.rmdir()
+    assert memory.resumableFineTunePath is None
     assert memory.bundleFolder("/default") == "/default"
     memory.setBundleFolder("/mine")
     assert memory.bundleFolder("/default") == "/mine"
@@ -184,12 +197,13 @@ def test_commands_parse_with_the_real_engine_command_line():
             for preset in ("quick", "full"):
                 for device in ("auto", "cpu", "cuda", "mps"):
                     options = TrainOptions(encoder=encoder, method=method, preset=preset, device=device,
-                                           iterations=2, seed=5, resume=True)
+                                           iterations=2, seed=5, resume=True, checkpointEvery=25)
                     args = parse(builder.train("i.nrrd", "l.nrrd", "out", [40, 12], ["LV", "right lung"], options))
                     assert (args.verb, args.image, args.labels, args.output) == ("train", "i.nrrd", "l.nrrd", "out")
                     assert (args.slices, args.class_names) == ("12,40", "LV,right lung")
                     assert (args.encoder, args.method, args.preset, args.device) == (encoder, method, preset, device)
                     assert (args.iterations, args.seed, args.resume, args.progress) == (2, 5, True, "json")
+                    assert args.checkpoint_every == 25
     args = parse(builder.predict("b", "i.nrrd", "o.nrrd", "cuda"))
     assert (args.verb, args.bundle, args.image, args.output, args.device, args.progress) == (
         "predict", "b", "i.nrrd", "o.nrrd", "cuda", "json")

@@ -2,11 +2,15 @@
 
 The fake accepts exactly the command line of the engine's documented interface (argparse with the same verbs and
 flags), prints --progress json lines mixed with log text, writes its bundle under a temporary name and renames
-it at the end, as the real engine does. Behaviour is chosen through FAKE_MODE.
+it at the end, as the real engine does. Like the engine, its training writes checkpoint_latest.pth (the step
+number) into the hidden work folder beside the bundle every --checkpoint-every steps, keeps that folder when it is
+interrupted or killed, continues from it with --resume, and deletes it once the bundle is written. Behaviour is
+chosen through FAKE_MODE.
 """
 
 import json
 import os
+import shutil
 import sys
 import textwrap
 import time
@@ -49,6 +53,7 @@ FAKE_ENGINE = textwrap.dedent(r'''
     train.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     train.add_argument("--progress", choices=["text", "json"], default="text"); train.add_argument("--resume",
                                                                                                action="store_true")
+    train.add_argument("--checkpoint-every", type=int)
     weights = verbs.add_parser("weights").add_subparsers(dest="action", required=True)
     status = weights.add_parser("status")
     status.add_argument("--json", action="store_true")
@@ -88,26 +93,46 @@ FAKE_ENGINE = textwrap.dedent(r'''
             fail("class names do not match the label values")
         if mode == "error":
             fail("only %d annotated slices; annotate at least 8" % len(slices))
+        import shutil
+        work = os.path.join(os.path.dirname(args.o), "." + os.path.basename(args.o) + ".nnsam-work")
+        checkpoint = os.path.join(work, "nnUNet_results", "fold_0", "checkpoint_latest.pth")
+        first = 1
+        if args.resume and os.path.isfile(checkpoint):
+            with open(checkpoint) as handle:
+                first = int(handle.read()) + 1
+            progress("prepare", message="resuming from checkpoint_latest.pth")
+        elif os.path.exists(work):
+            shutil.rmtree(work)
+        with open(os.environ["FAKE_FIRST_STEP"], "a") as handle:
+            handle.write("%d\n" % first)
+        os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
         partial = args.o + ".partial"
-        os.makedirs(partial)
+        os.makedirs(partial, exist_ok=True)
         if mode == "slow":
             child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
             with open(os.environ["FAKE_CHILD_PID"], "w") as handle:
                 handle.write(str(child.pid))
-        total = 100 if mode == "slow" else 3
+        total = int(os.environ.get("FAKE_STEPS") or (100 if mode in ("slow", "killed") else 3))
         try:
-            for step in range(1, total + 1):
+            for step in range(first, total + 1):
                 print("epoch %d: some log text" % step, flush=True)
                 progress("train", step, total, loss=1.0 / step)
                 with open(os.path.join(partial, "checkpoint_%d.pt" % step), "w") as handle:
                     handle.write("x")
+                if args.checkpoint_every and step % args.checkpoint_every == 0:
+                    with open(checkpoint + ".partial", "w") as handle:
+                        handle.write(str(step))
+                    os.replace(checkpoint + ".partial", checkpoint)
+                    if mode == "killed":  # kill -9 (or the machine's out-of-memory killer) after a checkpoint
+                        import signal
+                        os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(0.1 if mode == "slow" else 0.0)
-        except KeyboardInterrupt:  # as the real engine: clean up, one error line, exit 130
-            import shutil
+        except KeyboardInterrupt:  # as the real engine: clean up, one error line, exit 130, checkpoints stay
             shutil.rmtree(partial)
             with open(os.environ["FAKE_CLEANED"], "w") as handle:
                 handle.write("cleaned")
-            print("nnsam: error: interrupted", file=sys.stderr, flush=True)
+            print("nnsam: error: interrupted; any earlier bundle or output is intact (nnsam train --resume "
+                  "continues a training)", file=sys.stderr, flush=True)
             sys.exit(130)
         if mode == "crash":
             print("Traceback (most recent call last):\nRuntimeError: CUDA out of memory", file=sys.stderr)
@@ -116,6 +141,7 @@ FAKE_ENGINE = textwrap.dedent(r'''
             json.dump({"format_version": 1, "method": args.method, "encoder": {"name": args.encoder},
                        "classes": [{"value": i + 1, "name": n} for i, n in enumerate(names)]}, handle)
         os.rename(partial, args.o)
+        shutil.rmtree(work)
         progress("done", message="bundle saved")
     else:
         import SimpleITK as sitk
@@ -123,7 +149,9 @@ FAKE_ENGINE = textwrap.dedent(r'''
             classes = json.load(handle)["classes"]
         image = sitk.ReadImage(args.image)
         array = sitk.GetArrayFromImage(image)
-        progress("predict", 1, 1)
+        for step in range(1, 101 if mode == "slow" else 2):
+            progress("predict", step, 100 if mode == "slow" else 1)
+            time.sleep(0.1 if mode == "slow" else 0.0)
         result = sitk.GetImageFromArray((array > 50).astype("uint8") * classes[-1]["value"])
         result.CopyInformation(image)
         sitk.WriteImage(result, args.o)
@@ -138,6 +166,7 @@ def fakeEngine(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_ARGS_LOG", str(tmp_path / "args.log"))
     monkeypatch.setenv("FAKE_CHILD_PID", str(tmp_path / "child.pid"))
     monkeypatch.setenv("FAKE_CLEANED", str(tmp_path / "cleaned"))
+    monkeypatch.setenv("FAKE_FIRST_STEP", str(tmp_path / "first_step.log"))
     monkeypatch.setenv("FAKE_MODE", "ok")
     return EngineCommandBuilder(sys.executable, launcher=[str(script)])
 
@@ -198,6 +227,9 @@ def test_fine_tune_then_segment_end_to_end(workflow, annotatedVolume, tmp_path):
     assert trainArgs[trainArgs.index("--class-names") + 1] == "LV,RV,Myo"
     assert trainArgs[trainArgs.index("--iterations") + 1] == "2"
     assert trainArgs[trainArgs.index("--progress") + 1] == "json"
+    assert trainArgs[trainArgs.index("--checkpoint-every") + 1] == "25"  # the quick preset's epoch
+    assert "--resume" not in trainArgs
+    assert workflow.resumableFineTune is None
 
     segmentJob = workflow.startSegment(volume, target="new")
     assert segmentJob.wait(30)
@@ -228,29 +260,231 @@ def test_segment_fills_only_unannotated_slices_and_can_be_undone(workflow, annot
     assert not workflow.undoLastResult()
 
 
-def test_stop_kills_the_engine_and_leaves_no_bundle(workflow, annotatedVolume, tmp_path, monkeypatch):
-    monkeypatch.setenv("FAKE_MODE", "slow")
-    volume, annotations = annotatedVolume
-    events = []
-    workflow.jobStarted.connect(lambda job: job.progress.connect(events.append))
-    job = workflow.startFineTune(volume, annotations)
-    _waitFor(lambda: len(events) >= 2 and (tmp_path / "child.pid").exists(), job.runner)
-    partial = os.path.join(job.jobDirectory, "bundle.partial")
-    assert os.path.isdir(partial)  # the engine is mid-way through writing
+def _checkpointStep(jobDirectory) -> int:
+    """The step of the fake engine's last checkpoint in a job folder, 0 if none."""
+    path = os.path.join(jobDirectory, ".bundle.nnsam-work", "nnUNet_results", "fold_0", "checkpoint_latest.pth")
+    try:
+        with open(path) as handle:
+            return int(handle.read())
+    except (OSError, ValueError):
+        return 0
 
+
+def _stoppedAfterCheckpoint(workflow, annotatedVolume, monkeypatch, tmp_path):
+    """A fine-tune of 30 steps with a checkpoint every 2, stopped once a checkpoint of step 4 or later exists."""
+    monkeypatch.setenv("FAKE_MODE", "slow")
+    monkeypatch.setenv("FAKE_STEPS", "30")
+    job = workflow.startFineTune(*annotatedVolume, TrainOptions(checkpointEvery=2))
+    _waitFor(lambda: _checkpointStep(job.jobDirectory) >= 4 and (tmp_path / "child.pid").exists(), job.runner)
+    assert os.path.isdir(os.path.join(job.jobDirectory, "bundle.partial"))  # the engine is mid-way through
     job.stop()
     assert job.wait(10)
+    return job
+
+
+def test_stop_kills_the_engine_keeps_a_resumable_folder_and_leaves_no_bundle(workflow, annotatedVolume, tmp_path,
+                                                                              monkeypatch):
+    job = _stoppedAfterCheckpoint(workflow, annotatedVolume, monkeypatch, tmp_path)
 
     assert job.state == JobState.STOPPED
-    assert "nothing was saved" in job.errorMessage
+    assert job.errorMessage.startswith("Stopped; no model was saved.")
+    assert "Resume fine-tune continues from the last checkpoint" in job.errorMessage
     assert (tmp_path / "cleaned").read_text() == "cleaned"  # the engine got the chance to clean up
     assert job.exitCode == 130
-    assert not os.path.exists(job.jobDirectory)
-    assert workflow.store.bundles() == []
-    assert workflow.currentBundle is None
-    assert not os.listdir(tmp_path / "jobs")
+    assert workflow.store.bundles() == [] and not os.path.exists(workflow.store.rootDirectory)
+    assert workflow.currentBundle is None and workflow.memory.lastBundlePath is None
+    # The folder stays, with what a resume needs, and without anything that looks like a finished bundle.
+    assert job.folderKept and os.listdir(tmp_path / "jobs") == [os.path.basename(job.jobDirectory)]
+    assert {"image.nrrd", "labels.nrrd"} <= set(os.listdir(job.jobDirectory))
+    assert not os.path.exists(os.path.join(job.jobDirectory, "bundle"))
+    assert not os.path.exists(os.path.join(job.jobDirectory, "bundle.partial"))
+    assert _checkpointStep(job.jobDirectory) >= 4
+    record = workflow.resumableFineTune
+    assert record is not None and record.jobDirectory == job.jobDirectory and record.hasCheckpoint()
+    assert workflow.memory.resumableFineTunePath == job.jobDirectory
+    trainArgs = _receivedArguments(tmp_path)[0]
+    assert trainArgs[trainArgs.index("--checkpoint-every") + 1] == "2"
     childPid = int((tmp_path / "child.pid").read_text())
     _waitFor(lambda: not _alive(childPid), job.runner, timeout=5)
+
+
+def test_resume_runs_the_same_command_with_resume_in_the_same_folder(workflow, annotatedVolume, tmp_path,
+                                                                     monkeypatch):
+    stopped = _stoppedAfterCheckpoint(workflow, annotatedVolume, monkeypatch, tmp_path)
+    checkpointStep = _checkpointStep(stopped.jobDirectory)
+    changes = []
+    workflow.resumableChanged.connect(changes.append)
+    monkeypatch.setenv("FAKE_MODE", "ok")
+
+    job = workflow.startResumeFineTune()
+    assert job.jobDirectory == stopped.jobDirectory and job.kind == "fine-tune"
+    assert workflow.currentJob is job and workflow.isBusy
+    assert job.wait(30)
+
+    assert job.state == JobState.SUCCEEDED, job.errorMessage
+    first, resumed = _receivedArguments(tmp_path)
+    # Same inputs, same bundle path, same options; only --resume is new.
+    assert resumed.count("--resume") == 1 and [a for a in resumed if a != "--resume"] == first
+    assert resumed[resumed.index("-o") + 1] == os.path.join(stopped.jobDirectory, "bundle")
+    # The engine really continued after the checkpoint instead of starting over.
+    assert (tmp_path / "first_step.log").read_text().split() == ["1", str(checkpointStep + 1)]
+    bundle = job.result
+    assert workflow.store.bundles() == [bundle] and workflow.currentBundle == bundle
+    assert bundle.classNames == ["LV", "RV", "Myo"] and bundle.name.startswith("Heart_CT-")
+    assert not os.path.exists(stopped.jobDirectory) and not os.listdir(tmp_path / "jobs")
+    assert workflow.resumableFineTune is None and workflow.memory.resumableFineTunePath is None
+    assert changes == [None]
+    with pytest.raises(UserError, match="no stopped fine-tune to resume"):
+        workflow.startResumeFineTune()
+
+
+def test_a_stopped_resume_stays_resumable(workflow, annotatedVolume, tmp_path, monkeypatch):
+    stopped = _stoppedAfterCheckpoint(workflow, annotatedVolume, monkeypatch, tmp_path)
+    record = workflow.resumableFineTune
+    job = workflow.startResumeFineTune()
+    with pytest.raises(UserError, match="running again"):
+        workflow.discardResumableFineTune()  # its folder is in use
+    with pytest.raises(UserError, match="Another nnSAM job is running"):
+        workflow.startResumeFineTune()
+    _waitFor(lambda: _checkpointStep(stopped.jobDirectory) >= 8, job.runner)
+    job.stop()
+    assert job.wait(10)
+    assert job.state == JobState.STOPPED and job.folderKept
+    assert workflow.resumableFineTune == record and os.path.isdir(record.jobDirectory)
+    assert workflow.store.bundles() == []
+
+
+def test_killed_engine_is_resumable_in_a_later_session(scene, fakeEngine, annotatedVolume, tmp_path, monkeypatch):
+    settings = DictSettingsStore()
+
+    def session():
+        return NNSAMWorkflow(scene, fakeEngine, SubprocessRunner, BundleStore(str(tmp_path / "store")),
+                             ModelMemory(settings), jobBaseDirectory=str(tmp_path / "jobs"))
+
+    first = session()
+    monkeypatch.setenv("FAKE_MODE", "killed")  # kill -9 right after the checkpoint of step 2
+    job = first.startFineTune(*annotatedVolume, TrainOptions(encoder="mobilesam", seed=4, checkpointEvery=2))
+    assert job.wait(30)
+    assert job.state == JobState.FAILED and job.exitCode is None
+    assert job.errorMessage.startswith("The engine crashed or was killed.")
+    assert job.errorMessage.endswith("Resume fine-tune continues from the last checkpoint.")
+    assert first.store.bundles() == [] and os.path.isdir(job.jobDirectory)
+
+    second = session()
+    assert second.resumableFineTune is None
+    record = second.restoreResumableFineTune()
+    assert record == first.resumableFineTune and record.jobDirectory == job.jobDirectory
+    assert (record.options.encoder, record.options.seed, record.options.checkpointEvery) == ("mobilesam", 4, 2)
+    monkeypatch.setenv("FAKE_MODE", "ok")
+    monkeypatch.setenv("FAKE_STEPS", "5")
+    resumed = second.startResumeFineTune()
+    assert resumed.wait(30) and resumed.state == JobState.SUCCEEDED, resumed.errorMessage
+    assert (tmp_path / "first_step.log").read_text().split() == ["1", "3"]
+    original, again = _receivedArguments(tmp_path)
+    assert "--resume" in again and [a for a in again if a != "--resume"] == original
+    assert second.currentBundle.encoder == "mobilesam"
+    assert not os.path.exists(job.jobDirectory) and settings.value("NNSAMSegment/ResumableFineTune") == ""
+    assert session().restoreResumableFineTune() is None
+
+
+def test_discard_deletes_the_kept_folder(workflow, annotatedVolume, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "killed")
+    job = workflow.startFineTune(*annotatedVolume, TrainOptions(checkpointEvery=2))
+    assert job.wait(30) and job.folderKept
+    changes = []
+    workflow.resumableChanged.connect(changes.append)
+
+    assert workflow.discardResumableFineTune()
+
+    assert not os.path.exists(job.jobDirectory) and not os.listdir(tmp_path / "jobs")
+    assert workflow.resumableFineTune is None and workflow.memory.resumableFineTunePath is None
+    assert changes == [None]
+    assert not workflow.discardResumableFineTune()
+    with pytest.raises(UserError, match="no stopped fine-tune"):
+        workflow.startResumeFineTune()
+
+
+def test_a_new_fine_tune_deletes_the_kept_folder(workflow, annotatedVolume, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "killed")
+    kept = workflow.startFineTune(*annotatedVolume, TrainOptions(checkpointEvery=2))
+    assert kept.wait(30) and kept.folderKept
+    monkeypatch.setenv("FAKE_MODE", "error")
+    with pytest.raises(UserError, match="number of iterations"):  # refused before anything ran: nothing deleted
+        workflow.startFineTune(*annotatedVolume, TrainOptions(iterations=0))
+    assert workflow.resumableFineTune.jobDirectory == kept.jobDirectory and os.path.isdir(kept.jobDirectory)
+
+    fresh = workflow.startFineTune(*annotatedVolume)
+
+    assert not os.path.exists(kept.jobDirectory)  # as soon as the new one runs
+    assert workflow.resumableFineTune is None and workflow.memory.resumableFineTunePath is None
+    assert fresh.wait(30)
+    # It failed before training began: nothing to resume, nothing kept.
+    assert fresh.state == JobState.FAILED and not fresh.folderKept and not os.listdir(tmp_path / "jobs")
+    assert workflow.resumableFineTune is None
+    assert "--resume" not in _receivedArguments(tmp_path)[1]
+
+
+def test_resume_whose_files_are_gone_is_forgotten(workflow, annotatedVolume, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "killed")
+    job = workflow.startFineTune(*annotatedVolume, TrainOptions(checkpointEvery=2))
+    assert job.wait(30) and job.folderKept
+    os.remove(os.path.join(job.jobDirectory, "labels.nrrd"))
+    with pytest.raises(UserError, match="are gone; start a new fine-tune"):
+        workflow.startResumeFineTune()
+    assert workflow.resumableFineTune is None and not os.path.exists(job.jobDirectory)
+    assert len(_receivedArguments(tmp_path)) == 1  # the engine was not started again
+
+
+def test_restore_forgets_a_broken_or_missing_folder(scene, fakeEngine, annotatedVolume, tmp_path, monkeypatch):
+    settings = DictSettingsStore()
+
+    def session():
+        return NNSAMWorkflow(scene, fakeEngine, SubprocessRunner, BundleStore(str(tmp_path / "store")),
+                             ModelMemory(settings), jobBaseDirectory=str(tmp_path / "jobs"))
+
+    monkeypatch.setenv("FAKE_MODE", "killed")
+    job = session().startFineTune(*annotatedVolume, TrainOptions(checkpointEvery=2))
+    assert job.wait(30) and job.folderKept
+    description = os.path.join(job.jobDirectory, "nnsam-finetune.json")
+    with open(description) as handle:
+        text = handle.read()
+    with open(description, "w") as handle:
+        handle.write(text.replace('"preset": "quick"', '"preset": "turbo"'))
+    assert session().restoreResumableFineTune() is None
+    assert settings.value("NNSAMSegment/ResumableFineTune") == ""  # forgotten, not asked again
+    with open(description, "w") as handle:
+        handle.write(text)
+    settings.setValue("NNSAMSegment/ResumableFineTune", job.jobDirectory)
+    assert session().restoreResumableFineTune().jobDirectory == job.jobDirectory
+    shutil.rmtree(job.jobDirectory)
+    assert session().restoreResumableFineTune() is None
+
+
+def test_checkpoint_interval_follows_the_preset_unless_given(workflow, annotatedVolume, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_MODE", "error")  # fails at once: only the command lines matter here
+    full = TrainOptions(preset="full")
+    assert workflow.startFineTune(*annotatedVolume, full).wait(30)
+    assert workflow.startFineTune(*annotatedVolume, TrainOptions(checkpointEvery=7)).wait(30)
+    fullArgs, explicitArgs = _receivedArguments(tmp_path)
+    assert fullArgs[fullArgs.index("--checkpoint-every") + 1] == "250"  # one epoch of the full preset
+    assert explicitArgs[explicitArgs.index("--checkpoint-every") + 1] == "7"
+    assert full.checkpointEvery is None and not full.resume  # the caller's options are left alone
+
+
+def test_stopped_predict_job_still_deletes_its_folder(workflow, annotatedVolume, tmp_path, monkeypatch):
+    volume, annotations = annotatedVolume
+    assert workflow.startFineTune(volume, annotations).wait(30)
+    monkeypatch.setenv("FAKE_MODE", "slow")
+    events = []
+    workflow.jobStarted.connect(lambda job: job.progress.connect(events.append))
+    job = workflow.startSegment(volume, target="new")
+    _waitFor(lambda: len(events) >= 2, job.runner)
+    assert os.path.isfile(os.path.join(job.jobDirectory, "image.nrrd"))
+    job.stop()
+    assert job.wait(10)
+    assert job.state == JobState.STOPPED and job.errorMessage == "Stopped; nothing was saved."
+    assert not job.folderKept and not os.path.exists(job.jobDirectory) and not os.listdir(tmp_path / "jobs")
+    assert workflow.resumableFineTune is None
 
 
 def _alive(pid: int) -> bool:
@@ -274,6 +508,7 @@ def test_engine_error_is_shown_in_plain_words(workflow, annotatedVolume, monkeyp
     assert job.exitCode == 2
     assert job.errorMessage == "only 2 annotated slices; annotate at least 8"
     assert workflow.store.bundles() == [] and not os.path.exists(job.jobDirectory)
+    assert not job.folderKept and workflow.resumableFineTune is None  # training never began: nothing to resume
 
 
 def test_crash_reports_the_last_message(workflow, annotatedVolume, monkeypatch):
@@ -284,6 +519,9 @@ def test_crash_reports_the_last_message(workflow, annotatedVolume, monkeypatch):
     assert job.errorMessage.startswith("The engine stopped with exit code 1.")
     assert "CUDA out of memory" in job.errorMessage
     assert workflow.store.bundles() == []
+    # It failed after training began: kept for Resume (the fake wrote no checkpoint, so it would start over).
+    assert job.folderKept and workflow.resumableFineTune.jobDirectory == job.jobDirectory
+    assert not workflow.resumableFineTune.hasCheckpoint() and "no checkpoint yet" in job.errorMessage
 
 
 def test_one_job_at_a_time_and_no_folder_left_by_refused_jobs(workflow, annotatedVolume, monkeypatch, tmp_path):
@@ -300,7 +538,9 @@ def test_one_job_at_a_time_and_no_folder_left_by_refused_jobs(workflow, annotate
         workflow.startSegment(volume, target="new")
     with pytest.raises(UserError, match="number of iterations"):
         workflow.startFineTune(volume, annotations, TrainOptions(iterations=0))
-    assert not os.listdir(tmp_path / "jobs")
+    # Only the stopped fine-tune may remain (kept for Resume if its training had begun); refused jobs left none.
+    kept = [os.path.basename(job.jobDirectory)] if job.folderKept else []
+    assert os.listdir(tmp_path / "jobs") == kept
 
 
 def test_program_that_cannot_start_fails_cleanly(tmp_path):
