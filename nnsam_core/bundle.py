@@ -156,10 +156,13 @@ def _check_manifest_fields(manifest: dict, folder: Path) -> None:
     from .encoders import ENCODERS
     from .training import ALLOWED_TRAINER_NAMES
 
-    required = ("method", "trainer", "encoder", "classes", "files", "configuration")
-    missing = [k for k in required if k not in manifest]
-    if missing:
-        raise NNSAMError(f"bundle {folder.name}: {MANIFEST} lacks {', '.join(missing)}; the bundle is damaged")
+    required = {"method": str, "trainer": str, "encoder": dict, "classes": list, "files": dict, "configuration": str}
+    wrong = [k for k, kind in required.items() if not isinstance(manifest.get(k), kind)]
+    if wrong:
+        raise NNSAMError(f"bundle {folder.name}: {MANIFEST} lacks or garbles {', '.join(wrong)}; the bundle is damaged")
+    if not all(isinstance(c, dict) and isinstance(c.get("value"), int) and isinstance(c.get("name"), str)
+               for c in manifest["classes"]):
+        raise NNSAMError(f"bundle {folder.name}: {MANIFEST} has malformed classes; the bundle is damaged")
     if manifest["trainer"] not in ALLOWED_TRAINER_NAMES:
         raise NNSAMError(f"bundle {folder.name} names trainer '{manifest['trainer']}', which nnsam does not know; "
                          "refusing to load it")

@@ -234,3 +234,14 @@ def test_same_seed_same_predictions(tmp_path, chest_ct):
     weights = [torch.load(tmp_path / f"run{r}" / "model.pth", weights_only=True)["network_weights"] for r in range(2)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert np.array_equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("field, value", [("files", "x"), ("encoder", None), ("classes", [{"value": "1"}]),
+                                          ("trainer", 3)])
+def test_malformed_manifest_is_refused(trained, tmp_path, field, value):
+    folder = _copy(trained, tmp_path)
+    manifest = json.loads((folder / "nnsam.json").read_text())
+    manifest[field] = value
+    (folder / "nnsam.json").write_text(json.dumps(manifest))
+    with pytest.raises(NNSAMError, match="damaged"):
+        Bundle.load(folder)
