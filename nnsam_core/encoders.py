@@ -94,6 +94,7 @@ class FrozenEncoder:
         self._module = module.eval()
         for parameter in self._module.parameters():
             parameter.requires_grad_(False)
+        self._channels_last = False
 
     @property
     def name(self) -> str:
@@ -128,8 +129,13 @@ class FrozenEncoder:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = self._module(x)
         else:
-            out = self._module(x)
-        return out.float()
+            # CPU: channels_last convolutions are about 20% faster here with the same float32 results (max abs
+            # difference ~3e-6; docs/speed/cpu.md). bf16 autocast is not used on CPU: ~4% relative error.
+            if not self._channels_last:
+                self._module.to(memory_format=torch.channels_last)
+                self._channels_last = True
+            out = self._module(x.contiguous(memory_format=torch.channels_last))
+        return out.float().contiguous()
 
     def state_fingerprint(self) -> dict[str, torch.Tensor]:
         """Copies of every parameter and buffer (used by tests to prove nothing drifted)."""

@@ -28,6 +28,7 @@ from .progress import ProgressCallback, make_event, silent
 from .workspace import CONFIGURATION, _StderrProxy
 
 DEFAULT_SLAB = 16
+CPU_ENCODER_BATCH = 4
 
 
 class Segmenter:
@@ -106,7 +107,6 @@ class Segmenter:
         return out
 
     def _segment_volume(self, volume: sitk.Image, device: torch.device, slab: int, progress) -> np.ndarray:
-        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 
@@ -126,9 +126,11 @@ class Segmenter:
         bank = None
         if self.uses_sam:
             encoder = self._ensure_encoder(device)
-            bank = EmbeddingBank(encoder, lambda keys: [data[0, k - 1] for k in keys], batch_size=slab)
+            # Small encoder batches on CPU: a 16-slice TinyViT batch holds gigabytes of activations.
+            bank = EmbeddingBank(encoder, lambda keys: [data[0, k - 1] for k in keys],
+                                 batch_size=slab if device.type == "cuda" else CPU_ENCODER_BATCH)
             self.network.attach_bank(bank)
-        logits = None
+        to_labels = _SlabToLabels(self.plans_manager, self.configuration_manager, self.label_manager, properties)
         started = time.monotonic()
         try:
             for z0 in range(0, n_slices, slab):
@@ -139,11 +141,8 @@ class Segmenter:
                     bank.warm(keys)
                     chunk = np.concatenate([chunk, grid_channels(chunk.shape[1:], keys)])
                 with torch.no_grad(), contextlib.redirect_stdout(_StderrProxy()):
-                    out = predictor.predict_sliding_window_return_logits(torch.from_numpy(np.ascontiguousarray(chunk)))
-                out = out.to("cpu", torch.float32)
-                if logits is None:
-                    logits = torch.empty((out.shape[0], n_slices, *out.shape[2:]), dtype=torch.float32)
-                logits[:, z0:z1] = out
+                    logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(np.ascontiguousarray(chunk)))
+                to_labels.add(z0, z1, logits.to("cpu", torch.float32))
                 if bank is not None:
                     bank.drop(keys)  # memory stays bounded by one slab of embeddings
                 elapsed = time.monotonic() - started
@@ -153,11 +152,40 @@ class Segmenter:
             if bank is not None:
                 self.encoder_calls += bank.encoder_calls
                 self.network.attach_bank(None)
+        return to_labels.result()
+
+
+class _SlabToLabels:
+    """nnU-Net's logits-to-segmentation export (resample to the cropped input grid, argmax, undo the crop and the
+    transpose), applied slab by slab so that only labels (uint8), never whole-volume logits, are held.
+
+    The 2d configuration never resamples along the slice axis, so a slab's labels depend on that slab alone.
+    """
+
+    def __init__(self, plans_manager, configuration_manager, label_manager, properties: dict):
+        self.plans_manager, self.configuration_manager, self.label_manager = plans_manager, configuration_manager, \
+            label_manager
+        self.properties = properties
+        spacing = [properties["spacing"][i] for i in plans_manager.transpose_forward]
+        self.original_spacing = spacing
+        self.current_spacing = [spacing[0], *configuration_manager.spacing]
+        dtype = np.uint8 if len(label_manager.foreground_labels) < 255 else np.uint16
+        self.labels = np.zeros(properties["shape_after_cropping_and_before_resampling"], dtype=dtype)
+
+    def add(self, z0: int, z1: int, logits: torch.Tensor) -> None:
+        target = (z1 - z0, *self.labels.shape[1:])
         with contextlib.redirect_stdout(_StderrProxy()):
-            segmentation = convert_predicted_logits_to_segmentation_with_correct_shape(
-                logits, self.plans_manager, self.configuration_manager, self.label_manager, properties,
-                return_probabilities=False, num_threads_torch=max(1, torch.get_num_threads()))
-        return np.asarray(segmentation)
+            resampled = self.configuration_manager.resampling_fn_probabilities(
+                logits, target, self.current_spacing, self.original_spacing)
+            labels = self.label_manager.convert_logits_to_segmentation(resampled)
+        self.labels[z0:z1] = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels)
+
+    def result(self) -> np.ndarray:
+        from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+
+        full = np.zeros(self.properties["shape_before_cropping"], dtype=self.labels.dtype)
+        full = insert_crop_into_image(full, self.labels, self.properties["bbox_used_for_cropping"])
+        return np.ascontiguousarray(np.asarray(full).transpose(self.plans_manager.transpose_backward))
 
 
 def segment(bundle: Union[Bundle, str, os.PathLike], image: Union[sitk.Image, str, os.PathLike],

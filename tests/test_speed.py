@@ -1,0 +1,94 @@
+"""``nnsam bench-speed`` end to end on a tiny configuration, and the encoder-call contract it measures:
+one encoder call per segmented slice, none per training iteration. Timings are never asserted here (the
+benchmark measures them; see docs/speed/)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nnsam_core.speed import SliceSource, annotated_indices, format_table
+
+
+def test_bench_speed_tiny_end_to_end(tmp_path):
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, "-m", "nnsam_core.cli", "bench-speed", "--device", "cpu", "--size", "64",
+           "--steps", "2", "--warmup", "0", "--slices", "2", "--iterations", "1", "--ram-volume-slices", "2",
+           "--json", str(out), "--work-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert re.fullmatch(r"train_step_ratio=\d+\.\d+", lines[-1]), lines[-1]
+    assert any(line.startswith("| measure") for line in lines), proc.stdout
+    assert "encoder calls per segmented slice" in proc.stdout
+
+    result = json.loads(out.read_text())
+    ratio = float(lines[-1].split("=", 1)[1])
+    assert ratio == pytest.approx(result["training_iteration"]["train_step_ratio"], rel=1e-3)
+    training = result["training_iteration"]
+    assert training["bank_fill_encoder_calls"] == 4          # the 4 training slices, once, before training
+    assert training["encoder_calls_during_timed_iterations"] == 0
+    assert training["encoder_calls_per_train_iteration"] == 0
+    assert training["patch_size"] == [64, 64]
+    tts = result["time_to_segmentation"]
+    assert tts["volume"] == [64, 64, 2]
+    assert tts["encoder_calls_per_segmented_slice"] == 1
+    ram = result["peak_ram"]["runs"]
+    assert len(ram) == 1 and ram[0]["slices"] == 2 and ram[0]["encoder_calls"] == 2 and ram[0]["peak_rss_gb"] > 0
+    assert not any(p.name.startswith("nnsam-bench-speed-") for p in tmp_path.iterdir())  # work folder removed
+
+
+def test_one_encoder_call_per_segmented_slice(trained, chest_ct):
+    """The real Segmenter on the chest CT bundle (4 annotated slices, fine-tuned briefly): every tile and
+    mirrored pass of a slice reuses that slice's single embedding."""
+    import SimpleITK as sitk
+    from nnsam_core.predict import Segmenter
+
+    bundle, _ = trained
+    ct = sitk.ReadImage(chest_ct[0])[:, :, 10:13]  # 3 slices keep the test short
+    segmenter = Segmenter(bundle, "cpu")
+    labels = segmenter.segment(ct)
+    assert labels.GetSize() == ct.GetSize()
+    assert segmenter.encoder_calls == 3
+    segmenter.segment(ct)  # a second volume: again one call per slice, nothing leaks between volumes
+    assert segmenter.encoder_calls == 6
+
+
+def test_annotated_indices_spread_inside_the_volume():
+    assert annotated_indices(64) == [13, 25, 38, 50]
+    assert annotated_indices(2) == [0, 1]
+    assert annotated_indices(5) == [0, 1, 3, 4]
+    for n in range(4, 301):
+        chosen = annotated_indices(n)
+        assert len(chosen) == 4 and all(0 <= k < n for k in chosen)
+
+
+def test_synthetic_source_when_no_data():
+    source = SliceSource(48, None)
+    image, labels = source.slice(3)
+    assert image.shape == labels.shape == (48, 48) and image.dtype == np.int16
+    assert set(np.unique(labels)) <= {0, 1, 2, 3} and labels.max() > 0
+    volume, label_volume = source.volume(3)
+    assert volume.GetSize() == label_volume.GetSize() == (48, 48, 3)
+
+
+def test_table_reports_targets():
+    result = {"device": "cpu", "peak_rss_gb": {"self": 1.0, "children": 0.5},
+              "training_iteration": {"steps_timed": 3, "batch_size": 2, "patch_size": [512, 512],
+                                     "nnunet_step_s": 2.0, "nnsam_step_s": 2.1, "train_step_ratio": 1.05,
+                                     "nnunet_data_s": 0.3, "nnsam_data_s": 0.35, "iteration_ratio": 1.06,
+                                     "encoder_calls_per_train_iteration": 0.0, "bank_fill_encoder_calls": 4}}
+    table = format_table(result)
+    assert "| train_step_ratio nnSAM/nnU-Net" in table and "met" in table and "MISSED" not in table
+
+
+def test_bench_speed_is_registered():
+    from nnsam_core.cli import build_parser
+    args = build_parser().parse_args(["bench-speed", "--size", "128", "--slices", "3"])
+    assert args.size == 128 and args.slices == 3 and callable(args.func)
