@@ -227,7 +227,7 @@ def _manifest(trainer, trainer_class, method, encoder, class_names, preset, tota
         "injection": injection,
         "sam_input_preparation": SAM_INPUT_PREPARATION if config is not None else None,
         "classes": [{"value": i, "name": n} for i, n in enumerate(class_names, start=1)],
-        "training": {"preset": preset, "iterations": total, "seed": seed, "device": device.type,
+        "training": {"preset": preset, "iterations": trainer.total_iterations, "seed": seed, "device": device.type,
                      "batch_size": trainer.batch_size, "slices": trained_slices,
                      "image": os.path.basename(str(image_path)) if image_path else None,
                      "dataset": str(dataset_dir) if dataset_dir else None},

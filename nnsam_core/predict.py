@@ -34,10 +34,11 @@ CPU_ENCODER_BATCH = 4
 class Segmenter:
     """A loaded bundle ready to segment volumes (the network and encoder are built once)."""
 
-    def __init__(self, bundle: Bundle, device: Union[str, torch.device] = "auto"):
+    def __init__(self, bundle: Bundle, device: Union[str, torch.device] = "auto", use_mirroring: bool = True):
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
         self.bundle = bundle
+        self.use_mirroring = use_mirroring  # test-time mirroring: 4 network passes per tile in 2D, for accuracy
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.plans_manager = PlansManager(bundle.plans)
         self.configuration_manager = self.plans_manager.get_configuration(CONFIGURATION)
@@ -116,7 +117,7 @@ class Segmenter:
             pre = DefaultPreprocessor(verbose=False)
             data, _, properties = pre.run_case_npy(data, None, properties, self.plans_manager,
                                                    self.configuration_manager, self.bundle.dataset_json)
-            predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+            predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=self.use_mirroring,
                                         perform_everything_on_device=device.type == "cuda", device=device,
                                         verbose=False, allow_tqdm=False)
         mirror_axes = self.bundle.inference_allowed_mirroring_axes

@@ -1,0 +1,411 @@
+"""Tables, CSV and figures from the finished runs of one report folder (rewritten after every run).
+
+Aggregation (stated in every report):
+- a slice's headline score is the mean over the headline classes scored on it (Dice NaN when a class is absent
+  from both prediction and ground truth, so it is not scored; absent from one: Dice 0, ASD not scored);
+- an *item* is a test slice (labelled-slices protocol) or a volume (in-volume protocol: the mean over its
+  scored slices);
+- table cells are mean ± sample SD over items, pooled over seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+METRICS = (("dice", "Dice (%)"), ("asd_mm", "ASD (mm)"))
+METHOD_ORDER = ("nnsam", "nnunet", "nnsam-random")
+METHOD_LABELS = {"nnsam": "nnSAM", "nnunet": "nnU-Net", "nnsam-random": "nnSAM (random encoder)"}
+
+
+def load_runs(report_dir: Path) -> list[dict]:
+    runs = []
+    for path in sorted((Path(report_dir) / "runs").glob("**/metrics.json")):
+        data = json.loads(path.read_text())
+        data["_dir"] = str(path.parent)
+        runs.append(data)
+    return runs
+
+
+def _nanmean(values) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _mean_sd(values) -> tuple[float, float, int]:
+    finite = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if finite.size == 0:
+        return float("nan"), float("nan"), 0
+    return float(finite.mean()), float(finite.std(ddof=1)) if finite.size > 1 else float("nan"), int(finite.size)
+
+
+def _fmt(stats: tuple[float, float, int]) -> str:
+    mean, sd, n = stats
+    if n == 0:
+        return "–"
+    return f"{mean:.2f} ± {sd:.2f}" if not math.isnan(sd) else f"{mean:.2f}"
+
+
+def methods_in(runs: Sequence[dict]) -> list[str]:
+    found = {r["method"] for r in runs}
+    return [m for m in METHOD_ORDER if m in found] + sorted(found - set(METHOD_ORDER))
+
+
+class Results:
+    """Item-level scores: (method, size, seed, item) -> {class value: {metric: value}}, plus headline."""
+
+    def __init__(self, runs: Sequence[dict], class_names: Sequence[str], headline: Sequence[str]):
+        self.runs = list(runs)
+        self.class_names = list(class_names)
+        self.values = {name: str(i) for i, name in enumerate(class_names, start=1)}
+        self.headline = [self.values[c] for c in headline]
+        self.items: dict[tuple, dict] = {}
+        for run in self.runs:
+            by_item = defaultdict(list)
+            for score in run["scores"]:
+                by_item[score["item"]].append(score["classes"])
+            for item, slices in by_item.items():
+                entry = {}
+                for metric, _ in METRICS:
+                    per_class = {v: _nanmean([s[v][metric] for s in slices]) for v in self.values.values()}
+                    # headline per slice first (mean over its classes), then over the item's slices
+                    head = _nanmean([_nanmean([s[v][metric] for v in self.headline]) for s in slices])
+                    entry[metric] = {**per_class, "headline": head}
+                self.items[(run["method"], run["size"], run["seed"], item)] = entry
+
+    @property
+    def methods(self) -> list[str]:
+        return methods_in(self.runs)
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted({r["size"] for r in self.runs})
+
+    def cell(self, method: str, size: int, metric: str, key: str = "headline") -> tuple[float, float, int]:
+        return _mean_sd([e[metric][key] for (m, n, _, _), e in self.items.items() if m == method and n == size])
+
+    def paired(self, method: str, baseline: str, size: int, metric: str = "dice") -> Optional[dict]:
+        """Per (seed, item) differences method - baseline, on the items both have."""
+        diffs = []
+        for (m, n, seed, item), entry in self.items.items():
+            if m != method or n != size:
+                continue
+            other = self.items.get((baseline, n, seed, item))
+            if other is None:
+                continue
+            a, b = entry[metric]["headline"], other[metric]["headline"]
+            if not (math.isnan(a) or math.isnan(b)):
+                diffs.append(a - b)
+        if not diffs:
+            return None
+        mean, sd, n = _mean_sd(diffs)
+        return {"mean": mean, "sd": sd, "n": n, "better": sum(d > 0 for d in diffs),
+                "worse": sum(d < 0 for d in diffs)}
+
+
+def write_csv(path: Path, runs: Sequence[dict], class_names: Sequence[str]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["protocol", "method", "size", "seed", "item", "unit", "case", "slice", "class_value",
+                         "class", "dice", "asd_mm", "gt_voxels", "pred_voxels"])
+        for run in runs:
+            for score in run["scores"]:
+                for value, c in score["classes"].items():
+                    writer.writerow([run["protocol"], run["method"], run["size"], run["seed"], score["item"],
+                                     score["unit"], score["case"], "" if score["k"] is None else score["k"], value,
+                                     class_names[int(value) - 1], _csv_num(c["dice"]), _csv_num(c["asd_mm"]),
+                                     c["gt_voxels"], c["pred_voxels"]])
+
+
+def _csv_num(value) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+# --------------------------------------------------------------------------------------------- figures
+def plot_curves(path: Path, results: Results, size_label: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    span = (max(results.sizes) - min(results.sizes)) or 4
+    for index, method in enumerate(results.methods):
+        sizes = [n for n in results.sizes if results.cell(method, n, "dice")[2]]
+        # a small horizontal offset per method keeps overlapping error bars readable
+        shift = (index - (len(results.methods) - 1) / 2) * 0.02 * span
+        for ax, (metric, label) in zip(axes, METRICS):
+            stats = [results.cell(method, n, metric) for n in sizes]
+            means = [s[0] for s in stats]
+            sds = [0 if math.isnan(s[1]) else s[1] for s in stats]
+            ax.errorbar([n + shift for n in sizes], means, yerr=sds, marker="o", capsize=3, label=METHOD_LABELS.get(method, method))
+            ax.set_xlabel(size_label)
+            ax.set_ylabel(f"mean {label}")
+            ax.set_xticks(results.sizes)
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("Dice (higher is better)", fontsize=9)
+    axes[1].set_title("ASD (lower is better)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_examples(path: Path, rows: Sequence[dict], class_names: Sequence[str]) -> None:
+    """rows: {"title", "image" (2D array), "gt", "preds": [(label, 2D array)]}; image, GT, then each method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    colours = [plt.get_cmap("tab10")(i % 10) for i in range(len(class_names))]
+    cmap = ListedColormap(colours)
+    n_cols = 2 + len(rows[0]["preds"])
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.8 * n_cols, 1.8 * len(rows) + 0.4), squeeze=False)
+    for r, row in enumerate(rows):
+        image = row["image"]
+        lo, hi = np.percentile(image, [1, 99])
+        panels = [("image", None), ("ground truth", row["gt"])] + list(row["preds"])
+        for c, (title, labels) in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+            if labels is not None:
+                ax.imshow(np.ma.masked_equal(labels, 0), cmap=cmap, vmin=0.5, vmax=len(class_names) + 0.5,
+                          alpha=0.55, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=8)
+        axes[r, 0].set_ylabel(row["title"], fontsize=7)
+    fig.legend(handles=[Patch(color=colours[i], label=n) for i, n in enumerate(class_names)],
+               loc="lower center", ncol=min(len(class_names), 8), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1), pad=0.3, w_pad=0.2, h_pad=0.2)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _example_rows(report_dir: Path, state: dict, runs: Sequence[dict], results: Results, protocol: str,
+                  max_rows: int = 3) -> tuple[list[dict], int, int]:
+    """A few test slices at the smallest size (first seed) that every method finished."""
+    import SimpleITK as sitk
+
+    sizes = [n for n in results.sizes
+             if all(any(r["method"] == m and r["size"] == n for r in runs) for m in results.methods)]
+    if not sizes:
+        return [], 0, 0
+    size = sizes[0]
+    chosen = [r for r in runs if r["size"] == size]
+    seed = min(r["seed"] for r in chosen)
+    by_method = {m: [r for r in chosen if r["method"] == m and r["seed"] == seed] for m in results.methods}
+    if not all(by_method.values()):
+        return [], size, seed
+    data = report_dir / "data"
+    rows = []
+    if protocol == "slices":
+        test = by_method[results.methods[0]][0]["test_units"]
+        picks = [test[int((i + 0.5) * len(test) / min(max_rows, len(test)))] for i in range(min(max_rows, len(test)))]
+        for unit in picks:
+            image = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "imagesTr" / f"{unit}_0000.nii.gz")))[0]
+            gt = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "labelsTr" / f"{unit}.nii.gz")))[0]
+            preds = []
+            for m in results.methods:
+                pred_file = Path(by_method[m][0]["_dir"]) / "predictions" / f"{unit}.nii.gz"
+                if not pred_file.is_file():
+                    return [], size, seed
+                preds.append((f"{METHOD_LABELS.get(m, m)}", sitk.GetArrayFromImage(sitk.ReadImage(str(pred_file)))[0]))
+            rows.append({"title": unit, "image": image, "gt": gt, "preds": preds})
+        return rows, size, seed
+    volumes = sorted(set.intersection(*({r["volume"] for r in rs} for rs in by_method.values())))
+    for volume in volumes[:max_rows]:
+        run0 = next(r for r in by_method[results.methods[0]] if r["volume"] == volume)
+        scored = run0["scored_slices"]
+        if not scored:
+            continue
+        k = scored[len(scored) // 2]
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "imagesTr" / f"{volume}_0000.nii.gz")))[k]
+        gt = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "labelsTr" / f"{volume}.nii.gz")))[k]
+        preds = []
+        for m in results.methods:
+            run = next(r for r in by_method[m] if r["volume"] == volume)
+            preds.append((METHOD_LABELS.get(m, m),
+                          sitk.GetArrayFromImage(sitk.ReadImage(str(Path(run["_dir"]) / "prediction.nii.gz")))[k]))
+        rows.append({"title": f"{volume} k={k} (annotated {run0['annotated_slices']})", "image": image, "gt": gt,
+                     "preds": preds})
+    return rows, size, seed
+
+
+# --------------------------------------------------------------------------------------------- markdown
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def headline_classes(state: dict, requested: Optional[Sequence[str]]) -> list[str]:
+    if requested:
+        return list(requested)
+    for invocation in reversed(state.get("invocations", [])):
+        if invocation.get("report_classes"):
+            return list(invocation["report_classes"])
+    return list(state["class_names"])
+
+
+def write_report(report_dir, report_classes: Optional[Sequence[str]] = None) -> dict:
+    """Write report.md, results.csv, dice_vs_size.png and examples.png; returns their paths."""
+    report_dir = Path(report_dir)
+    state = json.loads((report_dir / "benchmark.json").read_text())
+    settings = state["settings"]
+    protocol = settings["protocol"]
+    class_names = state["class_names"]
+    headline = headline_classes(state, report_classes)
+    others = [c for c in class_names if c not in headline]
+    runs = [r for r in load_runs(report_dir) if r["protocol"] == protocol]
+    results = Results(runs, class_names, headline)
+    size_word = "training slices" if protocol == "slices" else "annotated slices per volume"
+    item_word = "test slices" if protocol == "slices" else "volumes"
+    paths = {"report": report_dir / "report.md", "csv": report_dir / "results.csv",
+             "curves": report_dir / "dice_vs_size.png", "examples": report_dir / "examples.png"}
+    write_csv(paths["csv"], runs, class_names)
+
+    lines = [f"# nnSAM benchmark: {state['dataset_name']}, "
+             + ("labelled-slices protocol" if protocol == "slices" else "in-volume protocol"), ""]
+    lines += _setup_section(state, runs, protocol)
+    if not runs:
+        lines += ["", "No run has finished yet."]
+        paths["report"].write_text("\n".join(lines) + "\n")
+        return paths
+    expected = _expected_runs(state, protocol)
+    missing = sorted(expected - {(r["method"], r["size"], r["seed"]) + ((r["volume"],) if protocol != "slices" else ())
+                                 for r in runs})
+    if missing:
+        lines += ["", f"**Partial results:** {len(missing)} requested run(s) have not finished: "
+                  + ", ".join(" ".join(str(x) for x in m) for m in missing[:20])
+                  + (" ..." if len(missing) > 20 else "")]
+
+    sizes = results.sizes
+    head = ", ".join(headline)
+    lines += ["", f"## Table 1: mean over {head} ({item_word}; mean ± SD)", ""]
+    for metric, label in METRICS:
+        lines += [f"**{label}**", ""]
+        lines += _table(["Method"] + [f"{n} {'slices' if protocol == 'slices' else 'annotated'}" for n in sizes],
+                        [[METHOD_LABELS.get(m, m)] + [_fmt(results.cell(m, n, metric)) for n in sizes]
+                         for m in results.methods])
+        lines.append("")
+    if "nnunet" in results.methods and len(results.methods) > 1:
+        lines += ["### Paired Dice difference against nnU-Net (same seed, same item)", ""]
+        rows = []
+        for m in results.methods:
+            if m == "nnunet":
+                continue
+            for n in sizes:
+                p = results.paired(m, "nnunet", n)
+                if p:
+                    sd = "" if math.isnan(p["sd"]) else f" ± {p['sd']:.2f}"
+                    rows.append([METHOD_LABELS.get(m, m), str(n), f"{p['mean']:+.2f}{sd}", str(p["n"]),
+                                 f"{p['better']} / {p['worse']}"])
+        lines += _table(["Method", "size", "Dice − nnU-Net (points)", "items", "better / worse"], rows) + [""]
+
+    for number, (metric, label) in zip((2, 3), METRICS):
+        lines += [f"## Table {number}: {label} per class", ""]
+        rows = [[str(n), METHOD_LABELS.get(m, m)] + [_fmt(results.cell(m, n, metric, results.values[c]))
+                                                     for c in headline]
+                for n in sizes for m in results.methods if results.cell(m, n, "dice")[2]]
+        lines += _table(["size", "Method", *headline], rows) + [""]
+    if others:
+        lines += [f"## Other classes (not in the means above): {', '.join(others)}", ""]
+        rows = [[str(n), METHOD_LABELS.get(m, m)] + [f"{_fmt(results.cell(m, n, 'dice', results.values[c]))} / "
+                                                     f"{_fmt(results.cell(m, n, 'asd_mm', results.values[c]))}"
+                                                     for c in others]
+                for n in sizes for m in results.methods if results.cell(m, n, "dice")[2]]
+        lines += _table(["size", "Method", *[f"{c} Dice % / ASD mm" for c in others]], rows) + [""]
+
+    lines += ["## Runs", ""]
+    run_rows = []
+    for r in sorted(runs, key=lambda r: (r["size"], r["seed"], METHOD_ORDER.index(r["method"])
+                                         if r["method"] in METHOD_ORDER else 9, r.get("volume", ""))):
+        items = {s["item"] for s in r["scores"]}
+        head_dice = _nanmean([results.items[(r["method"], r["size"], r["seed"], i)]["dice"]["headline"]
+                              for i in items])
+        run_rows.append([METHOD_LABELS.get(r["method"], r["method"]), str(r["size"]), str(r["seed"]),
+                         r.get("volume", "") or ", ".join(r["train_units"]), str(r["iterations"]),
+                         str(r["batch_size"]), f"{r['train_seconds']:.0f}", f"{r['predict_seconds']:.0f}",
+                         str(len(r["scores"])), f"{head_dice:.2f}"])
+    lines += _table(["Method", "size", "seed", "volume" if protocol != "slices" else "training slices", "iterations",
+                     "batch", "train s", "predict s", "slices scored", "mean Dice"], run_rows)
+
+    try:
+        plot_curves(paths["curves"], results, size_word)
+        lines += ["", f"![mean Dice and ASD against the number of {size_word}]({paths['curves'].name})"]
+    except Exception as exc:  # a figure must never lose the tables
+        lines += ["", f"(curve plot failed: {exc})"]
+    rows, size, seed = _example_rows(report_dir, state, runs, results, protocol)
+    if rows:
+        plot_examples(paths["examples"], rows, class_names)
+        lines += ["", f"Examples ({size} {size_word}, seed {seed}; rows: {', '.join(r['title'] for r in rows)}):", "",
+                  f"![test slices: image, ground truth, each method]({paths['examples'].name})"]
+    lines += ["", "## Conventions", "",
+              "- Dice in %, ASD (average symmetric surface distance) in mm from the image spacing, each test slice "
+              "scored in 2D with `nnsam_core.evaluation.evaluate_case`.",
+              "- A class absent from both prediction and ground truth of a slice is not scored; absent from one: "
+              "Dice 0 and ASD not scored (no surface to measure to).",
+              f"- Table cells: a slice's score is the mean over the classes in the table ({head} for Table 1); "
+              f"an item is one of the {item_word}"
+              + (" (the mean of its scored slices)" if protocol != "slices" else "")
+              + "; mean ± sample SD over items, pooled over seeds.",
+              "- Every method of one size and seed trained on the same slices with the same seed, preset and "
+              "iteration count; test slices never trained anything and nothing was tuned on them.",
+              f"- Every case and class: [{paths['csv'].name}]({paths['csv'].name})."]
+    paths["report"].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def _expected_runs(state: dict, protocol: str) -> set:
+    expected = set()
+    for inv in state.get("invocations", []):
+        sizes = inv["sizes"] if protocol == "slices" else inv["annotated"]
+        for m in inv["methods"]:
+            for n in sizes:
+                for s in inv["seeds"]:
+                    if protocol == "slices":
+                        expected.add((m, n, s))
+                    else:
+                        expected.update((m, n, s, v) for v in inv["volumes"])
+    return expected
+
+
+def _setup_section(state: dict, runs: Sequence[dict], protocol: str) -> list[str]:
+    s = state["settings"]
+    iterations = s["iterations"] if s["iterations"] else f"the preset's ({s['preset']})"
+    lines = ["## Setup", "",
+             f"- Dataset: `{s['dataset']}` ({state['dataset_name']}; classes {', '.join(state['class_names'])}).",
+             f"- Encoder `{s['encoder']}`, preset `{s['preset']}`, iterations {iterations}"
+             + (f", images downsampled in-plane by {s['downsample']} (block average; labels nearest neighbour) "
+                "before training and scoring" if s["downsample"] != 1 else "") + "."]
+    if protocol == "slices":
+        split = state["split"]
+        test = [u["case"] if u["k"] is None else f"{u['case']}_z{u['k']:03d}" for u in split["test"]]
+        pool = [u["case"] if u["k"] is None else f"{u['case']}_z{u['k']:03d}" for u in split["pool"]]
+        patients = sorted({u["patient"] for u in split["test"] if u.get("patient")})
+        lines += [f"- Split `{split['mode']}` (fixed seed {split['seed']}, test fraction {split['test_fraction']:.3g}): "
+                  f"{len(test)} test slices" + (f" from patients {', '.join(patients)}" if split["mode"] == "patient"
+                                                else "") + f": {', '.join(test)}.",
+                  f"- Training subsets are nested prefixes of this order of the remaining {len(pool)} slices: "
+                  f"{', '.join(pool)}."]
+    else:
+        ann = state.get("annotated", {})
+        lines += ["- In-volume protocol: per volume, k evenly spaced labelled slices are the only annotation; the "
+                  "model fine-tuned on them segments the volume; the labelled slices not annotated are scored.",
+                  "- Volumes and annotated slices: " + "; ".join(
+                      f"{v} " + ", ".join(f"k={k}: {sl}" for k, sl in ks.items()) for v, ks in sorted(ann.items()))
+                  + "."]
+    lines += ["", "Invocations:", ""]
+    for inv in state.get("invocations", []):
+        lines += [f"- {inv['date']} on {inv['machine']}" + (f" ({inv['note']})" if inv.get("note") else "") + ":",
+                  f"  `{inv['command']}`"]
+    return lines

@@ -1,0 +1,368 @@
+"""nnsam benchmark: split logic (fast unit tests), the harness end to end on tiny synthetic data, resumability."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnsam_core.benchmark import data as bdata
+from nnsam_core.benchmark.runner import Plan, Settings, run_in_volume_benchmark, run_slices_benchmark
+from nnsam_core.benchmark.splits import (Unit, default_split_mode, evenly_spaced, make_split, make_units,
+                                         patient_ids)
+from nnsam_core.cli import main
+from nnsam_core.errors import NNSAMError
+
+CLASSES = ["disk", "square"]
+
+
+# --------------------------------------------------------------------------------------------- synthetic data
+def _shapes(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A disk (1) and a square (2) at random places: easy, but a model has to look at the image."""
+    labels = np.zeros((size, size), np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx, r = rng.integers(size // 4, 3 * size // 4), rng.integers(size // 4, size // 2), size // 8
+    labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
+    sy, sx = rng.integers(2, size // 2), rng.integers(size // 2 + 2, size - size // 6)
+    labels[sy:sy + size // 6, sx:sx + size // 6] = 2
+    return labels
+
+
+def _image_from_labels(labels: np.ndarray, rng) -> np.ndarray:
+    # Intensity encodes the class (100 per class) plus noise smaller than 50, so round(image/100) is the truth.
+    return (labels.astype(np.float32) * 100 + rng.normal(0, 8, labels.shape)).astype(np.float32)
+
+
+def _write_dataset(folder: Path, volumes: dict | None = None, patients: int = 4, per_patient: int = 3,
+                   size: int = 48) -> Path:
+    """nnU-Net raw dataset: one-slice cases syn_<patient>_<slice>, or volumes {name: (depth, labelled ks)}."""
+    rng = np.random.default_rng(7)
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir(parents=True)
+
+    def write(name, image, labels, spacing):
+        img, lab = sitk.GetImageFromArray(image), sitk.GetImageFromArray(labels)
+        for x in (img, lab):
+            x.SetSpacing(spacing)
+            x.SetOrigin((-10.0, 5.0, 2.0))
+        sitk.WriteImage(img, str(folder / "imagesTr" / f"{name}_0000.nii.gz"))
+        sitk.WriteImage(lab, str(folder / "labelsTr" / f"{name}.nii.gz"))
+
+    if volumes is None:
+        for p in range(patients):
+            for s in range(per_patient):
+                labels = _shapes(size, rng)[None]
+                write(f"syn_{100 + p}_{10 * s + p}", _image_from_labels(labels, rng), labels, (1.5, 1.5, 1.0))
+    else:
+        for name, (depth, labelled) in volumes.items():
+            labels = np.zeros((depth, size, size), np.uint8)
+            for k in labelled:
+                labels[k] = _shapes(size, rng)
+            write(name, _image_from_labels(labels, rng), labels, (1.25, 1.25, 8.0))
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "MRI"}, "labels": {"background": 0, "disk": 1, "square": 2},
+        "numTraining": len(list((folder / "labelsTr").iterdir())), "file_ending": ".nii.gz"}))
+    return folder
+
+
+def _units(patients=7, per_patient=(3, 5, 7, 2, 7, 6, 6)) -> list[Unit]:
+    names = [f"chd_{1001 + p}_{10 * s + 1}" for p in range(patients) for s in range(per_patient[p])]
+    return make_units(names, {})
+
+
+# --------------------------------------------------------------------------------------------- splits
+def test_patient_ids_from_case_names():
+    assert patient_ids(["chd_1001_179", "chd_1001_63", "chd_1002_5"]) == {
+        "chd_1001_179": "chd_1001", "chd_1001_63": "chd_1001", "chd_1002_5": "chd_1002"}
+    assert patient_ids(["chd_1001_179", "scan"]) is None  # one name without a slice suffix: no ids at all
+    units = make_units([], {"mscmr_01": [2, 3], "mscmr_02": [0]})
+    assert [(u.name, u.patient) for u in units] == [("mscmr_01_z002", "mscmr_01"), ("mscmr_01_z003", "mscmr_01"),
+                                                    ("mscmr_02_z000", "mscmr_02")]
+    assert default_split_mode(units) == "patient"
+    assert default_split_mode(make_units(["a", "b"], {})) == "slice"
+
+
+def test_patient_split_never_shares_patients_and_subsets_are_nested():
+    units = _units()
+    split = make_split(units, "patient", 1 / 3, max_size=20)
+    test_patients = {u.patient for u in split.test}
+    train_patients = {u.patient for u in split.pool}
+    assert test_patients and not test_patients & train_patients
+    assert set(split.test) | set(split.pool) == set(units) and not set(split.test) & set(split.pool)
+    assert len(split.test) >= round(len(units) / 3)
+    previous: set = set()
+    for size in (4, 8, 12, 16, 20):
+        subset = split.training_subset(size)
+        assert len(subset) == len(set(subset)) == size
+        assert previous <= set(subset)          # nested: the 4 are inside the 8, ...
+        assert not set(subset) & set(split.test)
+        previous = set(subset)
+    # round-robin pool order: 4 slices come from 4 different patients when there are that many
+    assert len({u.patient for u in split.training_subset(4)}) == 4
+
+
+def test_split_is_fixed_whatever_the_order_sizes_or_callers():
+    units = _units()
+    a = make_split(units, "patient", 1 / 3, max_size=4)
+    b = make_split(list(reversed(units)), "patient", 1 / 3, max_size=20)
+    assert a.test == b.test and a.pool == b.pool
+    c = make_split(units, "patient", 1 / 3, seed=1)
+    assert c.test != a.test or c.pool != a.pool  # the seed, not chance, fixes it
+
+
+def test_slice_split_sizes_and_disjointness():
+    units = _units()
+    split = make_split(units, "slice", 0.25, max_size=20)
+    assert len(split.test) == round(0.25 * len(units))
+    assert not set(split.test) & set(split.pool)
+    assert set(split.training_subset(8)) <= set(split.training_subset(12))
+    # slices of a test patient may train in this mode (the paper's kind of partition)
+    assert {u.patient for u in split.test} & {u.patient for u in split.pool}
+
+
+def test_split_errors_name_the_fix():
+    units = _units()
+    with pytest.raises(NNSAMError, match="--sizes"):
+        make_split(units, "patient", 1 / 3, max_size=30)
+    with pytest.raises(NNSAMError, match="--split slice"):
+        make_split(make_units(["a", "b", "c"], {}), "patient")
+    with pytest.raises(NNSAMError, match="test-fraction"):
+        make_split(units, "slice", 1.0)
+    split = make_split(units, "patient", 1 / 3)
+    with pytest.raises(NNSAMError, match="does not fit"):
+        split.training_subset(len(split.pool) + 1)
+
+
+def test_evenly_spaced_annotation():
+    labelled = list(range(2, 14))
+    for k in (1, 2, 3, 4):
+        picks = evenly_spaced(labelled, k)
+        assert len(picks) == k and set(picks) <= set(labelled)
+        assert picks[0] != labelled[0] and picks[-1] != labelled[-1]  # ends avoided
+    assert evenly_spaced([0, 1, 2, 3, 4, 5, 6, 7], 2) == [2, 6]
+    with pytest.raises(NNSAMError):
+        evenly_spaced([3, 4], 2)  # nothing left to score
+
+
+def test_real_chd_patient_split(chd_dataset):
+    info = bdata.read_dataset(chd_dataset)
+    units = info.units()
+    assert len(units) == 36 and default_split_mode(units) == "patient"
+    split = make_split(units, "patient", 1 / 3, max_size=20)
+    assert not {u.patient for u in split.test} & {u.patient for u in split.training_subset(20)}
+
+
+# --------------------------------------------------------------------------------------------- data
+def test_downsample_keeps_physical_geometry():
+    image = sitk.GetImageFromArray(np.arange(64, dtype=np.float32).reshape(1, 8, 8))
+    image.SetSpacing((0.5, 0.5, 3.0))
+    image.SetOrigin((1.0, 2.0, 3.0))
+    labels = sitk.GetImageFromArray(np.kron(np.array([[1, 2], [3, 0]], np.uint8), np.ones((4, 4), np.uint8))[None])
+    labels.CopyInformation(image)
+    small, small_labels = bdata.downsample(image, labels, 2)
+    assert small.GetSize() == small_labels.GetSize() == (4, 4, 1)
+    assert small.GetSpacing() == pytest.approx((1.0, 1.0, 3.0))
+    assert small.GetOrigin() == pytest.approx((1.25, 2.25, 3.0))  # centre of the first 2x2 block
+    assert small_labels.GetOrigin() == pytest.approx(small.GetOrigin())
+    assert sitk.GetArrayFromImage(small)[0, 0, 0] == pytest.approx((0 + 1 + 8 + 9) / 4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(small_labels)[0],
+                                  np.kron(np.array([[1, 2], [3, 0]]), np.ones((2, 2))))
+
+
+def test_unit_store_cuts_volume_slices_in_place(tmp_path):
+    ds = _write_dataset(tmp_path / "Dataset990_Vol", volumes={"vol_01": (6, [1, 2, 4])})
+    info = bdata.read_dataset(ds)
+    assert info.volumes == {"vol_01": [1, 2, 4]} and info.slice_cases == []
+    store = bdata.UnitStore(info, tmp_path / "data")
+    unit = Unit("vol_01", 4, "vol_01")
+    store.prepare_unit(unit)
+    image, labels = store.read(unit.name)
+    full = sitk.ReadImage(str(info.image_path("vol_01")))
+    assert image.GetSize() == (48, 48, 1)
+    assert image.GetOrigin() == pytest.approx(full.TransformIndexToPhysicalPoint((0, 0, 4)))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels)[0],
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(info.label_path("vol_01"))))[4])
+    raw = store.write_training_dataset(tmp_path / "raw", [unit])
+    assert json.loads((raw / "dataset.json").read_text())["labels"] == {"background": 0, "disk": 1, "square": 2}
+    assert (raw / "imagesTr" / "vol_01_z004_0000.nii.gz").is_file()
+
+
+# --------------------------------------------------------------------------------------------- end to end
+def _plan(**overrides) -> Plan:
+    settings = Settings(protocol="slices", dataset="", iterations=1, split="patient", test_fraction=0.25,
+                        device="cpu")
+    values = dict(settings=settings, methods=["nnsam", "nnunet"], sizes=[2, 3], seeds=[0],
+                  report_classes=["disk"])
+    values.update(overrides)
+    return Plan(**values)
+
+
+@pytest.fixture(scope="module")
+def finished_report(tmp_path_factory):
+    """The real harness (fine_tune, Segmenter, evaluation) on 12 tiny slices: 2 methods x 2 sizes x 1 seed."""
+    root = tmp_path_factory.mktemp("bench")
+    ds = _write_dataset(root / "Dataset991_Syn")
+    plan = _plan()
+    plan.settings.dataset = str(ds.resolve())
+    lines: list[str] = []
+    result = run_slices_benchmark(ds, root / "report", plan, log=lines.append, command="nnsam benchmark (test)")
+    return ds, root / "report", result, lines
+
+
+def test_end_to_end_writes_every_output(finished_report):
+    _, report_dir, result, _ = finished_report
+    assert result["trained"] == 4
+    for name in ("report.md", "results.csv", "dice_vs_size.png", "examples.png", "benchmark.json"):
+        assert (report_dir / name).is_file() and (report_dir / name).stat().st_size > 0, name
+    for name in ("dice_vs_size.png", "examples.png"):
+        assert (report_dir / name).stat().st_size < 300_000
+        assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (report_dir / "report.md").read_text()
+    assert "## Table 1: mean over disk" in text and "Table 2" in text and "Table 3" in text
+    assert "| nnSAM |" in text and "| nnU-Net |" in text
+    assert "Other classes (not in the means above): square" in text
+    assert "Paired Dice difference" in text and "nnsam benchmark (test)" in text
+    assert "Partial results" not in text
+
+    split = result["split"]
+    test_names = {u.name for u in split.test}
+    with open(report_dir / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    # every (method, size) scored every test slice for both classes, and only test slices
+    assert {(r["method"], r["size"]) for r in rows} == {("nnsam", "2"), ("nnunet", "2"), ("nnsam", "3"), ("nnunet", "3")}
+    assert {r["unit"] for r in rows} == test_names
+    assert len(rows) == 4 * len(test_names) * 2
+    for row in rows:
+        if row["dice"]:
+            assert 0.0 <= float(row["dice"]) <= 100.0
+
+    for method in ("nnsam", "nnunet"):
+        for size in (2, 3):
+            metrics = json.loads((report_dir / "runs" / method / f"n{size:02d}_seed0" / "metrics.json").read_text())
+            # every method of one size trained on the same slices, and never on a test slice
+            assert metrics["train_units"] == [u.name for u in split.training_subset(size)]
+            assert not set(metrics["train_units"]) & test_names
+            assert metrics["iterations"] == 1
+            preds = report_dir / "runs" / method / f"n{size:02d}_seed0" / "predictions"
+            assert {p.name[:-7] for p in preds.glob("*.nii.gz")} == test_names
+            assert not (preds.parent / "model").exists()  # models are deleted unless --keep-models
+
+
+def test_second_invocation_does_not_retrain(finished_report, monkeypatch):
+    ds, report_dir, _, _ = finished_report
+    import nnsam_core.finetune as finetune
+
+    calls = []
+    monkeypatch.setattr(finetune, "fine_tune", lambda **kw: calls.append(kw))
+    markers = sorted(report_dir.glob("runs/*/*/metrics.json"))
+    stamps = [p.stat().st_mtime_ns for p in markers]
+    plan = _plan()
+    plan.settings.dataset = str(ds.resolve())
+    lines: list[str] = []
+    result = run_slices_benchmark(ds, report_dir, plan, log=lines.append, command="again")
+    assert calls == [] and result["trained"] == 0
+    assert [p.stat().st_mtime_ns for p in markers] == stamps
+    assert sum("finished earlier, skipped" in line for line in lines) == 4
+    state = json.loads((report_dir / "benchmark.json").read_text())
+    assert [inv["command"] for inv in state["invocations"]][-1] == "again"
+
+
+def test_resume_refuses_other_settings(finished_report):
+    ds, report_dir, _, _ = finished_report
+    plan = _plan()
+    plan.settings.dataset = str(ds.resolve())
+    plan.settings.iterations = 2
+    with pytest.raises(NNSAMError, match="another -o REPORT_DIR"):
+        run_slices_benchmark(ds, report_dir, plan, log=lambda _: None)
+
+
+def test_report_marks_missing_runs_as_partial(finished_report, tmp_path):
+    import shutil
+    from nnsam_core.benchmark.report import write_report
+
+    _, report_dir, _, _ = finished_report
+    copy = tmp_path / "copy"
+    shutil.copytree(report_dir, copy)
+    shutil.rmtree(copy / "runs" / "nnunet" / "n03_seed0")
+    text = write_report(copy)["report"].read_text()
+    assert "Partial results:" in text and "nnunet 3 0" in text
+
+
+# --------------------------------------------------------------------------------------------- in-volume
+class _FakeBundle:
+    manifest = {"training": {"iterations": 1, "batch_size": 2, "device": "cpu"}}
+
+
+class _PerfectSegmenter:
+    """Stands in for a trained model: the synthetic images encode their labels (100 per class)."""
+
+    def __init__(self, bundle, device):
+        pass
+
+    def segment(self, image):
+        labels = sitk.GetImageFromArray(np.rint(sitk.GetArrayFromImage(image) / 100).clip(0, 2).astype(np.uint8))
+        labels.CopyInformation(image)
+        return labels
+
+
+def test_in_volume_protocol_trains_on_k_slices_and_scores_the_others(tmp_path, monkeypatch):
+    import nnsam_core.finetune as finetune
+    import nnsam_core.predict as predict
+
+    ds = _write_dataset(tmp_path / "Dataset992_Vol", volumes={"vol_01": (9, [1, 2, 3, 4, 5, 6, 7]),
+                                                              "vol_02": (8, [0, 1, 2, 3, 4, 5]),
+                                                              "vol_03": (8, [2, 3])})
+    calls = []
+
+    def fake_fine_tune(**kwargs):
+        calls.append(kwargs)
+        Path(kwargs["output"]).mkdir(parents=True)
+        return _FakeBundle()
+
+    monkeypatch.setattr(finetune, "fine_tune", fake_fine_tune)
+    monkeypatch.setattr(predict, "Segmenter", _PerfectSegmenter)
+    settings = Settings(protocol="in-volume", dataset=str(ds.resolve()), iterations=1, device="cpu")
+    plan = Plan(settings=settings, methods=["nnsam", "nnunet"], annotated=[2, 3], seeds=[0])
+    result = run_in_volume_benchmark(ds, tmp_path / "report", plan, count=2, log=lambda _: None)
+    # vol_03 has too few labelled slices for k=3 and is skipped; the other two are used
+    assert result["volumes"] == ["vol_01", "vol_02"]
+    assert len(calls) == 2 * 2 * 2
+    for kwargs in calls:
+        assert sorted(kwargs["slices"]) == kwargs["slices"] and kwargs["class_names"] == CLASSES
+        assert kwargs["modality"] == "MRI"
+        assert kwargs["resume"] is True  # a run killed mid-training continues from its checkpoint
+    first = calls[0]
+    assert first["method"] == "nnsam" and first["slices"] == evenly_spaced([1, 2, 3, 4, 5, 6, 7], 2)
+    metrics = json.loads((tmp_path / "report/runs/nnunet/k3_seed0/vol_02/metrics.json").read_text())
+    assert set(metrics["scored_slices"]) == {0, 1, 2, 3, 4, 5} - set(metrics["annotated_slices"])
+    assert len(metrics["annotated_slices"]) == 3
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "in-volume protocol" in text and "| nnSAM | 100.00 ± 0.00 | 100.00 ± 0.00 |" in text
+    assert (tmp_path / "report" / "examples.png").is_file() and (tmp_path / "report" / "dice_vs_size.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------- command line
+def test_cli_help_and_dry_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["benchmark", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--split" in out and "--in-volume" in out and "nested" in out
+    ds = _write_dataset(tmp_path / "Dataset993_Syn")
+    assert main(["benchmark", str(ds), "-o", str(tmp_path / "r"), "--sizes", "2", "4", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "patient split" in out and "4 runs" in out
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
+
+
+def test_cli_user_errors_exit_2(tmp_path, capsys):
+    assert main(["benchmark", str(tmp_path / "missing"), "-o", str(tmp_path / "r")]) == 2
+    ds = _write_dataset(tmp_path / "Dataset994_Syn")
+    assert main(["benchmark", str(ds), "-o", str(tmp_path / "r"), "--sizes", "50", "--dry-run"]) == 2
+    assert main(["benchmark", str(ds), "-o", str(tmp_path / "r"), "--sizes", "2", "--classes", "LV", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "--sizes" in err and "LV" in err
