@@ -24,8 +24,8 @@ from .errors import NNSAMError
 from .images import annotated_slices, as_volume, check_image, parse_slices, read_image, read_labels
 from .progress import ProgressCallback, make_event, silent
 from .training import config_of_trainer, trainer_for
-from .workspace import (CONFIGURATION, FOLD, TrainingCase, Workspace, plan_and_preprocess, slice_case,
-                        write_raw_dataset)
+from .workspace import (CONFIGURATION, FOLD, TrainingCase, Workspace, plan_and_preprocess, read_raw_dataset,
+                        slice_case, write_raw_dataset)
 
 # quick: 250 iterations (10 epochs x 25). On a GPU with the planned batch (12 for 512x512) that is about a
 # minute; on a CPU the batch is capped at CPU_BATCH_SIZE so it stays in the tens of minutes.
@@ -56,32 +56,17 @@ def cases_from_sparse_slices(image: ImageLike, labels: ImageLike, slices: Option
 def cases_from_nnunet_dataset(dataset_dir: os.PathLike) -> tuple[list[TrainingCase], list[str], dict]:
     """Every case of an nnU-Net raw dataset: 2D slices as they are, volumes cut into their labelled slices
     (a slice without any label counts as unannotated, not as background)."""
-    dataset_dir = Path(dataset_dir)
-    dataset_json_path = dataset_dir / "dataset.json"
-    if not dataset_json_path.is_file():
-        raise NNSAMError(f"{dataset_dir} has no dataset.json; give an nnU-Net raw dataset folder")
-    dataset_json = json.loads(dataset_json_path.read_text())
-    if len(dataset_json.get("channel_names", {})) != 1:
-        raise NNSAMError(f"{dataset_dir.name} has {len(dataset_json.get('channel_names', {}))} input channels; "
-                         "nnsam supports single-channel images")
-    labels = {name: int(v) for name, v in dataset_json["labels"].items() if name != "background"}
-    if sorted(labels.values()) != list(range(1, len(labels) + 1)):
-        raise NNSAMError(f"{dataset_dir.name}/dataset.json labels must be 1..N (regions are not supported)")
-    class_names = [name for name, _ in sorted(labels.items(), key=lambda kv: kv[1])]
-    ending = dataset_json.get("file_ending", ".nii.gz")
-    label_files = sorted((dataset_dir / "labelsTr").glob(f"*{ending}"))
-    if not label_files:
-        raise NNSAMError(f"{dataset_dir}/labelsTr holds no {ending} files")
+    raw = read_raw_dataset(dataset_dir)
     cases = []
-    for label_file in label_files:
-        name = label_file.name[: -len(ending)]
-        image = _as_image(dataset_dir / "imagesTr" / f"{name}_0000{ending}", f"image of case {name}")
-        parsed = read_labels(label_file, image, class_names)
+    for label_file in raw.label_files:
+        name = raw.case_name(label_file)
+        image = _as_image(raw.image_file(name), f"image of case {name}")
+        parsed = read_labels(label_file, image, raw.class_names)
         if image.GetSize()[2] == 1:
             cases.append(TrainingCase(name, image, parsed.image))
         else:
             cases.extend(slice_case(image, parsed.image, k, f"{name}_z{k:03d}") for k in annotated_slices(parsed.image))
-    return cases, class_names, dataset_json["channel_names"]
+    return cases, raw.class_names, raw.dataset_json["channel_names"]
 
 
 def seed_everything(seed: int) -> None:

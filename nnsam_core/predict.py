@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import SimpleITK as sitk

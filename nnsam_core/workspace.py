@@ -78,6 +78,51 @@ def _set_environ(values: dict) -> None:
             os.environ[key] = value
 
 
+@dataclass(frozen=True)
+class RawDataset:
+    """An nnU-Net raw dataset folder as nnsam uses it: one input channel, labels background plus 1..N."""
+
+    folder: Path
+    dataset_json: dict
+    class_names: list
+    ending: str
+    label_files: list
+
+    def image_file(self, case: str) -> Path:
+        return self.folder / "imagesTr" / f"{case}_0000{self.ending}"
+
+    def case_name(self, label_file: Path) -> str:
+        return label_file.name[: -len(self.ending)]
+
+
+def read_raw_dataset(folder) -> RawDataset:
+    from .errors import NNSAMError
+
+    folder = Path(folder)
+    path = folder / "dataset.json"
+    if not path.is_file():
+        raise NNSAMError(f"{folder} has no dataset.json; give an nnU-Net raw dataset folder")
+    try:
+        dataset_json = json.loads(path.read_text())
+    except ValueError:
+        raise NNSAMError(f"{path} is not valid JSON; fix the dataset description") from None
+    channels = len(dataset_json.get("channel_names", {}))
+    if channels != 1:
+        raise NNSAMError(f"{folder.name} has {channels} input channels; nnsam supports single-channel images")
+    try:
+        labels = {n: int(v) for n, v in dataset_json.get("labels", {}).items() if n != "background"}
+    except (TypeError, ValueError):
+        labels = {}
+    if not labels or sorted(labels.values()) != list(range(1, len(labels) + 1)):
+        raise NNSAMError(f"{folder.name}/dataset.json labels must be background plus 1..N (regions are not supported)")
+    class_names = [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1])]
+    ending = dataset_json.get("file_ending", ".nii.gz")
+    label_files = sorted((folder / "labelsTr").glob(f"*{ending}"))
+    if not label_files:
+        raise NNSAMError(f"{folder}/labelsTr holds no {ending} files")
+    return RawDataset(folder, dataset_json, class_names, ending, label_files)
+
+
 @dataclass
 class TrainingCase:
     name: str

@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import NNSAMError
+from ..workspace import read_raw_dataset
 from .splits import Unit, make_units
 
 
@@ -45,25 +46,12 @@ class DatasetInfo:
 
 def read_dataset(folder) -> DatasetInfo:
     """Classes, cases and, for volumes, their labelled slices (a slice with no label at all is unlabelled)."""
-    folder = Path(folder)
-    path = folder / "dataset.json"
-    if not path.is_file():
-        raise NNSAMError(f"{folder} has no dataset.json; give an nnU-Net raw dataset folder")
-    dataset_json = json.loads(path.read_text())
-    if len(dataset_json.get("channel_names", {})) != 1:
-        raise NNSAMError(f"{folder.name} has several input channels; the benchmark supports single-channel images")
-    labels = {n: int(v) for n, v in dataset_json.get("labels", {}).items() if n != "background"}
-    if not labels or sorted(labels.values()) != list(range(1, len(labels) + 1)):
-        raise NNSAMError(f"{folder.name}/dataset.json labels must be background plus 1..N")
-    class_names = [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1])]
-    ending = dataset_json.get("file_ending", ".nii.gz")
-    label_files = sorted((folder / "labelsTr").glob(f"*{ending}"))
-    if not label_files:
-        raise NNSAMError(f"{folder}/labelsTr holds no {ending} files")
+    raw = read_raw_dataset(folder)
+    folder, ending = raw.folder, raw.ending
     slice_cases, volumes = [], {}
-    for label_file in label_files:
-        case = label_file.name[: -len(ending)]
-        if not (folder / "imagesTr" / f"{case}_0000{ending}").is_file():
+    for label_file in raw.label_files:
+        case = raw.case_name(label_file)
+        if not raw.image_file(case).is_file():
             raise NNSAMError(f"case {case} has labels but no image imagesTr/{case}_0000{ending}")
         labels_image = sitk.ReadImage(str(label_file))
         if labels_image.GetDimension() == 2 or labels_image.GetSize()[2] == 1:
@@ -71,7 +59,7 @@ def read_dataset(folder) -> DatasetInfo:
         else:
             array = sitk.GetArrayViewFromImage(labels_image)
             volumes[case] = [int(k) for k in np.flatnonzero(array.reshape(array.shape[0], -1).any(axis=1))]
-    return DatasetInfo(folder, dataset_json, class_names, ending, slice_cases, volumes)
+    return DatasetInfo(folder, raw.dataset_json, raw.class_names, ending, slice_cases, volumes)
 
 
 def as_3d(image: sitk.Image) -> sitk.Image:

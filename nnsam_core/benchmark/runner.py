@@ -212,6 +212,14 @@ def _claim(run_dir: Path):
     return handle
 
 
+def _run_record(bundle, started: float, trained: float) -> dict:
+    """Timing and training facts every run's metrics.json records."""
+    training = bundle.manifest["training"]
+    return {"train_seconds": round(trained - started, 1), "predict_seconds": round(time.monotonic() - trained, 1),
+            "iterations": training["iterations"], "batch_size": training["batch_size"], "device": training["device"],
+            "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
 def _finish_run(run_dir: Path, metrics: dict, keep_models: bool) -> None:
     _write_json(run_dir / "metrics.json", metrics)
     shutil.rmtree(run_dir / "train_raw", ignore_errors=True)
@@ -270,13 +278,7 @@ def run_slices_benchmark(dataset_dir, report_dir, plan: Plan, log: Optional[Log]
         scores = _predict_units(bundle, store, split.test, run_dir / "predictions", values, settings.device, log)
         metrics = {"protocol": "slices", "method": method, "size": size, "seed": seed,
                    "train_units": [u.name for u in train_units], "test_units": [u.name for u in split.test],
-                   "train_seconds": round(trained - started, 1),
-                   "predict_seconds": round(time.monotonic() - trained, 1),
-                   "iterations": bundle.manifest["training"]["iterations"],
-                   "batch_size": bundle.manifest["training"]["batch_size"],
-                   "device": bundle.manifest["training"]["device"],
-                   "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                   "scores": scores}
+                   **_run_record(bundle, started, trained), "scores": scores}
         _finish_run(run_dir, metrics, plan.keep_models)
         lock.close()
         done += 1
@@ -367,13 +369,7 @@ def run_in_volume_benchmark(dataset_dir, report_dir, plan: Plan, count: Optional
         metrics = {"protocol": "in-volume", "method": method, "size": k, "seed": seed, "volume": volume,
                    "train_units": [f"{volume}_z{s:03d}" for s in slices], "annotated_slices": slices,
                    "scored_slices": [s["k"] for s in scores],
-                   "train_seconds": round(trained - started, 1),
-                   "predict_seconds": round(time.monotonic() - trained, 1),
-                   "iterations": bundle.manifest["training"]["iterations"],
-                   "batch_size": bundle.manifest["training"]["batch_size"],
-                   "device": bundle.manifest["training"]["device"],
-                   "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                   "scores": scores}
+                   **_run_record(bundle, started, trained), "scores": scores}
         _finish_run(run_dir, metrics, plan.keep_models)
         lock.close()
         done += 1
