@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", choices=("nnsam", "nnunet", "nnsam-random"), default="nnsam",
                        help="nnsam; nnunet (no SAM branch, same pipeline); nnsam-random (random frozen encoder)")
     train.add_argument("--preset", choices=("quick", "full"), default="quick",
-                       help="quick: 250 iterations; full: nnU-Net's 1000 epochs x 250 iterations")
+                       help="quick: 1000 iterations; full: nnU-Net's 1000 epochs x 250 iterations")
     train.add_argument("--iterations", type=int, help="override the preset's number of training iterations "
                        "(rounded up to whole epochs of 25; the bundle records the number trained)")
     train.add_argument("--inject-stride", type=int, default=8, choices=(2, 4, 8, 16, 32),

@@ -46,7 +46,7 @@ import numpy as np
 
 RAM_TARGET_SLICES = 300
 RAM_TARGET_GB = 8.0
-QUICK_ITERATIONS = 250
+QUICK_ITERATIONS = 1000  # nnsam_core.finetune.PRESETS["quick"]
 TARGETS = {
     "train_step_ratio": 1.15,
     "encoder_calls_per_segmented_slice": 1.0,

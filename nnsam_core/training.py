@@ -104,7 +104,7 @@ def protect_grid_channels(transforms: ComposeTransforms) -> ComposeTransforms:
 class nnUNetTrainerFewShot(nnUNetTrainer):
     """nnU-Net with a schedule set in iterations, progress callbacks and a lean checkpoint policy."""
 
-    default_iterations = 250
+    default_iterations = 1000  # the quick preset
     iterations_per_epoch_cap = 25
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,

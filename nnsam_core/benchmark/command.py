@@ -60,7 +60,7 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
                              "reported separately (default: all classes)")
     parser.add_argument("--encoder", choices=("litemedsam", "mobilesam"), default="litemedsam")
     parser.add_argument("--preset", choices=("quick", "full"), default="quick",
-                        help="training schedule of every run (quick: 250 iterations; full: the paper's)")
+                        help="training schedule of every run (quick: 1000 iterations; full: the paper's)")
     parser.add_argument("--iterations", type=int, metavar="N", help="override the preset's iteration count")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S",
                         help="training seeds; the split does not depend on them (default: 0)")
