@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
@@ -24,8 +23,8 @@ from .errors import NNSAMError
 from .images import annotated_slices, as_volume, check_image, parse_slices, read_image, read_labels
 from .progress import ProgressCallback, make_event, silent
 from .training import config_of_trainer, trainer_for
-from .workspace import (CONFIGURATION, FOLD, TrainingCase, Workspace, plan_and_preprocess, read_raw_dataset,
-                        slice_case, write_raw_dataset)
+from .workspace import (CONFIGURATION, FOLD, TrainingCase, Workspace, nnunet_output_to_stderr, plan_and_preprocess,
+                        read_raw_dataset, scoped_environ, slice_case, write_raw_dataset)
 
 # quick: 1000 iterations (40 epochs x 25). On a GPU with the planned batch (12 for 512x512, ~57 ms a step) that is
 # about a minute; on a CPU the batch is capped at CPU_BATCH_SIZE. 250 iterations were measured to be too few:
@@ -129,7 +128,7 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
             plans = plan_and_preprocess(workspace)
             if torch_device.type == "cpu":
                 _cap_batch_size(workspace, plans, CPU_BATCH_SIZE)
-        elif progress is not None:
+        else:
             progress(make_event("prepare", message=f"resuming from {checkpoint.name}"))
 
         total = iterations or PRESETS[preset]
@@ -162,12 +161,11 @@ def _run_trainer(workspace: Workspace, trainer_class, device: torch.device, tota
                  progress: ProgressCallback, resume_checkpoint: Optional[Path], checkpoint_every: Optional[int]):
     plans = json.loads((workspace.preprocessed_dataset / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((workspace.preprocessed_dataset / "dataset.json").read_text())
-    from .workspace import _StderrProxy, scoped_environ
     plans["continue_training"] = resume_checkpoint is not None  # nnU-Net's run_training sets this key
     # nnU-Net's augmentation workers: none on CPU unless the user says otherwise (deterministic, and the cores
     # are busy with the network anyway).
     da_workers = {"nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "0" if device.type == "cpu" else None)}
-    with workspace.activated(), scoped_environ(da_workers), contextlib.redirect_stdout(_StderrProxy()):
+    with workspace.activated(), scoped_environ(da_workers), nnunet_output_to_stderr():
         trainer = trainer_class(plans, CONFIGURATION, FOLD, dataset_json, device)
         trainer.set_schedule(total_iterations, checkpoint_every)
         trainer.progress_callback = progress

@@ -7,7 +7,6 @@ computed in one batch and reused by every tile and mirrored pass (see :mod:`nnsa
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 import time
@@ -25,7 +24,7 @@ from .errors import NNSAMError
 from .images import as_volume, check_image, read_image
 from .network import EmbeddingBank, NNSAMConfig, build_nnsam_network, grid_channels
 from .progress import ProgressCallback, make_event, silent
-from .workspace import CONFIGURATION, _StderrProxy
+from .workspace import CONFIGURATION, nnunet_output_to_stderr
 
 DEFAULT_SLAB = 16
 CPU_ENCODER_BATCH = 4
@@ -113,7 +112,7 @@ class Segmenter:
 
         data = sitk.GetArrayFromImage(volume).astype(np.float32)[None]  # (1, Z, Y, X)
         properties = {"spacing": list(volume.GetSpacing())[::-1]}
-        with contextlib.redirect_stdout(_StderrProxy()):
+        with nnunet_output_to_stderr():
             pre = DefaultPreprocessor(verbose=False)
             data, _, properties = pre.run_case_npy(data, None, properties, self.plans_manager,
                                                    self.configuration_manager, self.bundle.dataset_json)
@@ -141,7 +140,7 @@ class Segmenter:
                     keys = list(range(z0 + 1, z1 + 1))
                     bank.warm(keys)
                     chunk = np.concatenate([chunk, grid_channels(chunk.shape[1:], keys)])
-                with torch.no_grad(), contextlib.redirect_stdout(_StderrProxy()):
+                with torch.no_grad(), nnunet_output_to_stderr():
                     logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(np.ascontiguousarray(chunk)))
                 to_labels.add(z0, z1, logits.to("cpu", torch.float32))
                 if bank is not None:
@@ -175,7 +174,7 @@ class _SlabToLabels:
 
     def add(self, z0: int, z1: int, logits: torch.Tensor) -> None:
         target = (z1 - z0, *self.labels.shape[1:])
-        with contextlib.redirect_stdout(_StderrProxy()):
+        with nnunet_output_to_stderr():
             resampled = self.configuration_manager.resampling_fn_probabilities(
                 logits, target, self.current_spacing, self.original_spacing)
             labels = self.label_manager.convert_logits_to_segmentation(resampled)

@@ -231,12 +231,12 @@ def measure_training_iteration(workspace, device, steps: int, warmup: int, seed:
     """Interleaved, same-batch train steps of nnU-Net and nnSAM; see the module docstring."""
     from .network import GRID_CHANNELS
     from .training import nnUNetTrainerFewShot, nnUNetTrainerNNSAM
-    from .workspace import _StderrProxy, scoped_environ
+    from .workspace import nnunet_output_to_stderr, scoped_environ
 
     if da_workers is None:
         da_workers = 0 if device.type == "cpu" else None  # as fine_tune runs it
     env = {"nnUNet_n_proc_DA": None if da_workers is None else str(da_workers)}
-    with workspace.activated(), scoped_environ(env), contextlib.redirect_stdout(_StderrProxy()):
+    with workspace.activated(), scoped_environ(env), nnunet_output_to_stderr():
         t0 = time.perf_counter()
         plain = _build_trainer(nnUNetTrainerFewShot, workspace, device, seed)
         t1 = time.perf_counter()

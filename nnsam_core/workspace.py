@@ -159,7 +159,7 @@ def plan_and_preprocess(workspace: Workspace, num_processes: int = 1) -> dict:
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
-    with workspace.activated(), contextlib.redirect_stdout(_StderrProxy()):
+    with workspace.activated(), nnunet_output_to_stderr():
         extract_fingerprint_dataset(DATASET_ID, num_processes=num_processes, check_dataset_integrity=False,
                                     clean=True, verbose=False, show_progress_bar=False)
         planner = ExperimentPlanner(DATASET_ID, suppress_transpose=True)
@@ -170,7 +170,7 @@ def plan_and_preprocess(workspace: Workspace, num_processes: int = 1) -> dict:
 
 
 class _StderrProxy:
-    """nnU-Net prints its chatter to stdout; keep stdout for results and progress lines."""
+    """Writes to whatever sys.stderr is at the time of writing (test runners swap it)."""
 
     def write(self, text):
         import sys
@@ -179,6 +179,11 @@ class _StderrProxy:
     def flush(self):
         import sys
         sys.stderr.flush()
+
+
+def nnunet_output_to_stderr():
+    """nnU-Net prints its chatter to stdout; keep stdout for results and progress lines."""
+    return contextlib.redirect_stdout(_StderrProxy())
 
 
 def slice_case(image: sitk.Image, labels: sitk.Image, k: int, name: str) -> TrainingCase:
