@@ -48,10 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="quick: 1000 iterations; full: nnU-Net's 1000 epochs x 250 iterations")
     train.add_argument("--iterations", type=int, help="override the preset's number of training iterations "
                        "(rounded up to whole epochs of 25; the bundle records the number trained)")
+    train.add_argument("--max-size", type=int, metavar="PIXELS",
+                       help="largest in-plane size nnU-Net trains at; results keep the image's resolution (default: "
+                       "192 for the quick preset on a CPU, else the native resolution; 0 = always native)")
     train.add_argument("--inject-stride", type=int, default=8, choices=(2, 4, 8, 16, 32),
                        help="inject the SAM embedding at the skip with this downsampling (default 8, the authors')")
     train.add_argument("--embedding-norm", choices=("standardise", "none"), default="standardise",
                        help="standardise SAM features per channel with training statistics (default) or not")
+    train.add_argument("--sam-input", choices=("nnunet", "unit-range"),
+                       help="SAM encoder input: the nnU-Net-normalised slice (the authors') or that slice rescaled to "
+                       "[0, 1] (default: what the encoder was trained on: unit-range for litemedsam, nnunet for "
+                       "mobilesam)")
     train.add_argument("--modality", default="CT", help="nnU-Net channel name deciding normalisation (CT, MR, ...)")
     _add_device(train)
     train.add_argument("--seed", type=int, default=0)
@@ -138,12 +145,14 @@ def _train(args) -> int:
         from .training import config_of_trainer, trainer_for
         base = config_of_trainer(trainer_for(args.method, args.encoder))
         config = NNSAMConfig(encoder=base.encoder, pretrained=base.pretrained, random_seed=base.random_seed,
-                             inject_stride=args.inject_stride, embedding_norm=args.embedding_norm)
+                             inject_stride=args.inject_stride, embedding_norm=args.embedding_norm,
+                             sam_input=args.sam_input or base.sam_input)
         config = None if config == base else config
     fine_tune(args.image, args.labels, output=args.output, nnsam_config=config, slices=slices, class_names=names,
               dataset_dir=args.dataset, encoder=args.encoder, method=args.method, preset=args.preset,
               iterations=args.iterations, device=args.device, seed=args.seed, modality=args.modality,
-              resume=args.resume, checkpoint_every=args.checkpoint_every, keep_work_dir=args.keep_work_dir, progress=_reporter(args))
+              resume=args.resume, checkpoint_every=args.checkpoint_every, keep_work_dir=args.keep_work_dir,
+              max_size=args.max_size, progress=_reporter(args))
     return 0
 
 

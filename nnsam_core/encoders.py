@@ -5,8 +5,12 @@ build it, where its weights come from and what input it wants. :class:`FrozenEnc
 never train: it is always in eval mode (its BatchNorm statistics never move), never gives gradients, and is
 kept out of the fused network's module tree, so it is never in a state_dict, an optimizer or a checkpoint.
 
-SAM input preparation (the authors' choice, kept): the nnU-Net-normalised slice, one channel repeated to three,
-bilinearly resized to the encoder's square input size. SAM's own ImageNet pixel normalisation is not applied.
+SAM input preparation (``INPUT_PREPARATIONS``): the nnU-Net-normalised slice, one channel repeated to three,
+bilinearly resized to the encoder's square input size, then either fed as it is (``nnunet``, the authors' choice;
+z-scored intensities, roughly -2..3) or rescaled per slice to [0, 1] (``unit-range``, what MedSAM and LiteMedSAM
+were trained on: their pipeline min-max normalises each resized slice). SAM's ImageNet normalisation is not used.
+Each encoder's default is the one closest to its training input (``EncoderSpec.input_preparation``); a linear
+probe on CHD training slices agreed for LiteMedSAM (docs/benchmarks/probe_chd_ds4).
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ from . import weights
 from .errors import NNSAMError
 
 EMBEDDING_CHANNELS = 256
-SAM_INPUT_PREPARATION = "nnunet_normalised_slice|repeat_to_3_channels|bilinear_resize_to_encoder_input"
+INPUT_PREPARATIONS = ("nnunet", "unit-range")
+
+
+def input_preparation_description(preparation: str) -> str:
+    """The recipe recorded in bundles."""
+    steps = "nnunet_normalised_slice|repeat_to_3_channels|bilinear_resize_to_encoder_input"
+    return steps + ("|min_max_to_unit_range_per_slice" if preparation == "unit-range" else "")
 
 
 def _tinyvit_kwargs(img_size: int) -> dict:
@@ -50,11 +60,14 @@ class EncoderSpec:
     build: Callable[[], nn.Module]
     locate_weights: Callable[[], tuple[str, str]]  # -> (path, sha256)
     description: str
+    # The input range the encoder was trained on: LiteMedSAM (MedSAM) saw each slice rescaled to [0, 1];
+    # MobileSAM (SAM) saw ImageNet-standardised pixels, which a z-scored slice resembles.
+    input_preparation: str = "nnunet"
 
 
 ENCODERS: dict[str, EncoderSpec] = {
     "litemedsam": EncoderSpec("litemedsam", 256, _build_litemedsam, weights.litemedsam_weights,
-                              "LiteMedSAM TinyViT, pretrained on medical images (shipped, offline)"),
+                              "LiteMedSAM TinyViT, pretrained on medical images (shipped, offline)", "unit-range"),
     "mobilesam": EncoderSpec("mobilesam", 1024, _build_mobilesam, weights.require_mobilesam,
                              "MobileSAM vit_t TinyViT (the nnSAM paper's encoder)"),
 }
@@ -87,7 +100,11 @@ class FrozenEncoder:
     """A SAM image encoder that cannot train. Deliberately not an ``nn.Module``: nothing that walks a network's
     modules (state_dict, parameters(), train(), apply()) can reach it."""
 
-    def __init__(self, spec: EncoderSpec, module: nn.Module, weights_sha256: str | None, pretrained: bool):
+    def __init__(self, spec: EncoderSpec, module: nn.Module, weights_sha256: str | None, pretrained: bool,
+                 preparation: str = "nnunet"):
+        if preparation not in INPUT_PREPARATIONS:
+            raise ValueError(f"unknown SAM input preparation {preparation!r}; one of {INPUT_PREPARATIONS}")
+        self.preparation = preparation
         self.spec = spec
         self.weights_sha256 = weights_sha256
         self.pretrained = pretrained
@@ -112,19 +129,23 @@ class FrozenEncoder:
         self._module.to(device)
         return self
 
-    def prepare(self, slices: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) nnU-Net-normalised slices -> (B, 3, S, S) encoder input."""
+    def prepare(self, slices: torch.Tensor, preparation: str | None = None) -> torch.Tensor:
+        """(B, 1, H, W) nnU-Net-normalised slices -> (B, 3, S, S) encoder input (see INPUT_PREPARATIONS)."""
         if slices.ndim != 4 or slices.shape[1] != 1:
             raise ValueError(f"expected (B, 1, H, W) slices, got {tuple(slices.shape)}")
         size = self.spec.input_size
         resized = F.interpolate(slices.float(), size=(size, size), mode="bilinear", align_corners=False)
+        if (preparation or self.preparation) == "unit-range":
+            low = resized.amin(dim=(2, 3), keepdim=True)
+            high = resized.amax(dim=(2, 3), keepdim=True)
+            resized = (resized - low) / (high - low).clamp_min(1e-8)
         return resized.expand(-1, 3, -1, -1)
 
     @torch.no_grad()
-    def __call__(self, slices: torch.Tensor) -> torch.Tensor:
+    def __call__(self, slices: torch.Tensor, preparation: str | None = None) -> torch.Tensor:
         """(B, 1, H, W) normalised slices -> (B, 256, 64, 64) float32 embeddings."""
         self._module.eval()  # never trust a caller to have left it in eval mode
-        x = self.prepare(slices.to(self.device))
+        x = self.prepare(slices.to(self.device), preparation)
         if x.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = self._module(x)
@@ -142,9 +163,9 @@ class FrozenEncoder:
         return {k: v.detach().clone() for k, v in self._module.state_dict().items()}
 
 
-def load_encoder(name: str, pretrained: bool = True, seed: int = 0) -> FrozenEncoder:
+def load_encoder(name: str, pretrained: bool = True, seed: int = 0, preparation: str = "nnunet") -> FrozenEncoder:
     """Build encoder ``name``. ``pretrained=False`` gives the same architecture randomly initialised from
-    ``seed`` (the nnsam-random control), still frozen."""
+    ``seed`` (the nnsam-random control), still frozen. ``preparation``: how slices become encoder input."""
     spec = get_spec(name)
     if pretrained:
         path, sha = spec.locate_weights()
@@ -155,9 +176,9 @@ def load_encoder(name: str, pretrained: bool = True, seed: int = 0) -> FrozenEnc
         except RuntimeError as exc:
             raise NNSAMError(f"{path} does not fit the {name} encoder ({str(exc).splitlines()[0]}); "
                              "check that the weights belong to this encoder") from exc
-        return FrozenEncoder(spec, module, sha, pretrained=True)
+        return FrozenEncoder(spec, module, sha, pretrained=True, preparation=preparation)
     devices = []  # fork the RNG so a control run does not shift the training RNG stream
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         module = spec.build()
-    return FrozenEncoder(spec, module, None, pretrained=False)
+    return FrozenEncoder(spec, module, None, pretrained=False, preparation=preparation)

@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from .bundle import Bundle, exclusive_output, write_bundle
 from .devices import resolve_device
-from .encoders import SAM_INPUT_PREPARATION, get_spec
+from .encoders import get_spec, input_preparation_description
 from .errors import NNSAMError
 from .images import annotated_slices, as_volume, check_image, parse_slices, read_image, read_labels
 from .progress import ProgressCallback, make_event, silent
@@ -31,6 +31,10 @@ from .workspace import (CONFIGURATION, FOLD, TrainingCase, Workspace, nnunet_out
 # nnU-Net then predicts only the largest structure even on its own training slices (docs/benchmarks).
 PRESETS = {"quick": 1000, "full": 250_000}
 CPU_BATCH_SIZE = 2
+# On a CPU the quick preset trains at most 192 pixels across (nnU-Net resamples; results come back at full
+# resolution). A 2-core step costs about 5.5 s at 512x512 and grows with the pixel count, so 1000 steps at 512
+# take 1.5 h; at 192 they fit the 20-minute budget of issue 5 (docs/speed/cpu.md).
+CPU_QUICK_MAX_SIZE = 192
 ImageLike = Union[str, os.PathLike, sitk.Image]
 
 
@@ -85,10 +89,13 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
               dataset_dir: Optional[os.PathLike] = None, encoder: str = "litemedsam", method: str = "nnsam",
               preset: str = "quick", iterations: Optional[int] = None, device: str = "auto", seed: int = 0,
               modality: str = "CT", resume: bool = False, checkpoint_every: Optional[int] = None,
-              keep_work_dir: bool = False,
+              keep_work_dir: bool = False, max_size: Optional[int] = None,
               progress: ProgressCallback = silent, nnsam_config=None) -> Bundle:
     """Fine-tune on annotated slices (``image`` + ``labels``) or an nnU-Net raw dataset (``dataset_dir``) and
-    write a bundle to ``output``. Returns the loaded bundle."""
+    write a bundle to ``output``. Returns the loaded bundle.
+
+    ``max_size``: largest in-plane size (pixels) nnU-Net trains at; None = the default (CPU_QUICK_MAX_SIZE for
+    the quick preset on a CPU, otherwise the native resolution), 0 = always the native resolution."""
     output = Path(output)
     if preset not in PRESETS:
         raise NNSAMError(f"unknown preset '{preset}'; choose quick or full")
@@ -96,11 +103,14 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
         raise NNSAMError("--iterations must be at least 1")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise NNSAMError("--checkpoint-every must be at least 1 iteration")
+    if max_size is not None and (max_size < 0 or 0 < max_size < 32):
+        raise NNSAMError("--max-size must be 0 (native resolution) or at least 32 pixels")
     trainer_class = trainer_for(method, encoder)
     if nnsam_config is not None:  # experiments (benchmarks) vary the SAM branch without a named trainer
         trainer_class = type(trainer_class.__name__, (trainer_class,), {"nnsam_config": nnsam_config,
                                                                         "__module__": trainer_class.__module__})
     torch_device = resolve_device(device)
+    max_size = working_max_size(max_size, preset, torch_device)
     if method != "nnunet" and encoder == "mobilesam" and config_of_trainer(trainer_class).pretrained:
         from .weights import require_mobilesam
         require_mobilesam()  # fail now, before minutes of preprocessing
@@ -125,7 +135,7 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
         if not resuming:
             write_raw_dataset(workspace, cases, names, channel_names)
             progress(make_event("plan", message=f"planning nnU-Net on {len(cases)} annotated slices"))
-            plans = plan_and_preprocess(workspace)
+            plans = plan_and_preprocess(workspace, max_size=max_size)
             if torch_device.type == "cpu":
                 _cap_batch_size(workspace, plans, CPU_BATCH_SIZE)
         else:
@@ -138,7 +148,8 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
 
         progress(make_event("save", message=f"writing bundle {output}"))
         manifest = _manifest(trainer, trainer_class, method, encoder, names, preset, total, seed, torch_device,
-                             trained_slices, image if isinstance(image, (str, os.PathLike)) else None, dataset_dir)
+                             trained_slices, image if isinstance(image, (str, os.PathLike)) else None, dataset_dir,
+                             max_size)
         network = trainer._network_module() if hasattr(trainer, "_network_module") else trainer.network
         write_bundle(output, manifest, trainer.plans_manager.plans, trainer.dataset_json, network.state_dict(),
                      trainer.inference_allowed_mirroring_axes)
@@ -147,6 +158,13 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
     bundle = Bundle.load(output)
     progress(make_event("done", 1, 1, message=f"bundle written to {output}"))
     return bundle
+
+
+def working_max_size(requested: Optional[int], preset: str, device: torch.device) -> Optional[int]:
+    """The in-plane size cap to plan with (None: native resolution)."""
+    if requested is not None:
+        return requested or None
+    return CPU_QUICK_MAX_SIZE if device.type == "cpu" and preset == "quick" else None
 
 
 def _cap_batch_size(workspace: Workspace, plans: dict, batch_size: int) -> None:
@@ -188,7 +206,7 @@ def _package_version(name: str):
 
 
 def _manifest(trainer, trainer_class, method, encoder, class_names, preset, total, seed, device, trained_slices,
-              image_path, dataset_dir) -> dict:
+              image_path, dataset_dir, max_size) -> dict:
     config = config_of_trainer(trainer_class)
     encoder_info = {"name": None}
     injection = None
@@ -209,10 +227,12 @@ def _manifest(trainer, trainer_class, method, encoder, class_names, preset, tota
         "encoder": encoder_info,
         "nnsam_config": config.as_dict() if config is not None else None,
         "injection": injection,
-        "sam_input_preparation": SAM_INPUT_PREPARATION if config is not None else None,
+        "sam_input_preparation": input_preparation_description(config.sam_input) if config is not None else None,
         "classes": [{"value": i, "name": n} for i, n in enumerate(class_names, start=1)],
         "training": {"preset": preset, "iterations": trainer.total_iterations, "seed": seed, "device": device.type,
-                     "batch_size": trainer.batch_size, "slices": trained_slices,
+                     "batch_size": trainer.batch_size, "slices": trained_slices, "max_size": max_size,
+                     "working_spacing": [float(v) for v in trainer.configuration_manager.spacing],
+                     "patch_size": [int(v) for v in trainer.configuration_manager.patch_size],
                      "image": os.path.basename(str(image_path)) if image_path else None,
                      "dataset": str(dataset_dir) if dataset_dir else None},
         "versions": {"nnsam_core": __version__, "python": sys.version.split()[0], "torch": torch.__version__,

@@ -48,6 +48,12 @@ class NNSAMConfig:
     random_seed: int = 0             # seed of the random control's weights
     inject_stride: int = INJECT_AUTO_STRIDE  # inject at the skip with this in-plane downsampling factor
     embedding_norm: str = "standardise"  # "standardise": per-channel z-score with training-set statistics; "none"
+    sam_input: Optional[str] = None  # encoders.INPUT_PREPARATIONS; None: the encoder's own convention
+
+    def __post_init__(self):
+        if self.sam_input is None:
+            from .encoders import get_spec
+            object.__setattr__(self, "sam_input", get_spec(self.encoder).input_preparation)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +61,7 @@ class NNSAMConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "NNSAMConfig":
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        known.setdefault("sam_input", "nnunet")  # bundles written before the field existed fed the z-scored slice
         return cls(**known)
 
 

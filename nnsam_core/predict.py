@@ -7,6 +7,7 @@ computed in one batch and reused by every tile and mirrored pass (see :mod:`nnsa
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
@@ -71,7 +72,8 @@ class Segmenter:
 
     def _ensure_encoder(self, device: torch.device):
         if self.encoder is None:
-            self.encoder = load_encoder(self.config.encoder, self.config.pretrained, self.config.random_seed)
+            self.encoder = load_encoder(self.config.encoder, self.config.pretrained, self.config.random_seed,
+                                        self.config.sam_input)
             expected = self.bundle.manifest["encoder"].get("weights_sha256")
             if self.config.pretrained and expected and expected != self.encoder.weights_sha256:
                 raise NNSAMError(f"the bundle was trained with {self.config.encoder} weights {expected[:12]}..., "
@@ -106,16 +108,27 @@ class Segmenter:
             out = out[:, :, 0]
         return out
 
-    def _segment_volume(self, volume: sitk.Image, device: torch.device, slab: int, progress) -> np.ndarray:
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-        from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    @property
+    def trained_on_single_slices(self) -> bool:
+        # fine_tune always trains on one-slice cases; a bundle from nnUNetv2_train may have seen whole volumes.
+        return self.bundle.plans.get("original_median_shape_after_transp", [0])[0] == 1
 
+    def preprocess(self, volume: sitk.Image) -> tuple[np.ndarray, dict]:
+        """nnU-Net's preprocessing of the whole volume, with intensities normalised the way the training cases
+        were: per slice when the model was trained on single slices and its scheme is per image (z-score for MR)."""
         data = sitk.GetArrayFromImage(volume).astype(np.float32)[None]  # (1, Z, Y, X)
         properties = {"spacing": list(volume.GetSpacing())[::-1]}
+        preprocessor = _slice_wise_normalisation_class() if self.trained_on_single_slices else _default_preprocessor()
         with nnunet_output_to_stderr():
-            pre = DefaultPreprocessor(verbose=False)
-            data, _, properties = pre.run_case_npy(data, None, properties, self.plans_manager,
-                                                   self.configuration_manager, self.bundle.dataset_json)
+            data, _, properties = preprocessor(verbose=False).run_case_npy(
+                data, None, properties, self.plans_manager, self.configuration_manager, self.bundle.dataset_json)
+        return data, properties
+
+    def _segment_volume(self, volume: sitk.Image, device: torch.device, slab: int, progress) -> np.ndarray:
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        data, properties = self.preprocess(volume)
+        with nnunet_output_to_stderr():
             predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=self.use_mirroring,
                                         perform_everything_on_device=device.type == "cuda", device=device,
                                         verbose=False, allow_tqdm=False)
@@ -153,6 +166,32 @@ class Segmenter:
                 self.encoder_calls += bank.encoder_calls
                 self.network.attach_bank(None)
         return to_labels.result()
+
+
+# Normalisation schemes whose parameters come from the training set, not from the image at hand.
+DATASET_WIDE_SCHEMES = {"CTNormalization", "NoNormalization"}
+
+
+def _default_preprocessor():
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    return DefaultPreprocessor
+
+
+@functools.lru_cache(maxsize=None)
+def _slice_wise_normalisation_class():  # built lazily: importing nnunetv2 is slow
+    class SliceWiseNormalisation(_default_preprocessor()):
+        """nnU-Net's preprocessor, but per-image normalisation schemes see one slice at a time (the first spatial
+        axis after nnU-Net's transpose is the one its 2d configuration slices along)."""
+
+        def _normalize(self, data, seg, configuration_manager, foreground_intensity_properties_per_channel):
+            parent = super()._normalize
+            if set(configuration_manager.normalization_schemes) <= DATASET_WIDE_SCHEMES:
+                return parent(data, seg, configuration_manager, foreground_intensity_properties_per_channel)
+            for z in range(data.shape[1]):
+                data[:, z:z + 1] = parent(data[:, z:z + 1], seg[:, z:z + 1], configuration_manager,
+                                          foreground_intensity_properties_per_channel)
+            return data
+    return SliceWiseNormalisation
 
 
 class _SlabToLabels:

@@ -368,6 +368,8 @@ def measure_time_to_segmentation(root: Path, source: SliceSource, n_slices: int,
         "iterations": total_iters,
         "quick_preset_iterations": PRESETS["quick"],
         "batch_size": bundle.manifest["training"].get("batch_size"),
+        "patch_size": bundle.manifest["training"].get("patch_size"),
+        "max_size": bundle.manifest["training"].get("max_size"),  # the working-resolution cap fine_tune used
         "train_s": train_total,
         "train_setup_s": setup,                 # reading, planning, preprocessing (before the embedding bank)
         "train_s_per_iteration": per_iter,
@@ -472,8 +474,10 @@ def format_table(r: dict) -> str:
         n = ts["volume"][2]
         rows.append(("encoder calls per segmented slice", _fmt(ts["encoder_calls_per_segmented_slice"]), "1",
                      _verdict(ts["encoder_calls_per_segmented_slice"], 1.0, exact=True)))
-        rows.append((f"fine-tune, {len(ts['annotated_slices'])} slices, {ts['iterations']} it, batch {ts['batch_size']}",
-                     _fmt(ts["train_s"] / 60, " min"), "", ""))
+        working = (f", patch {'x'.join(map(str, ts['patch_size']))} (max size {ts.get('max_size') or 'native'})"
+                   if ts.get("patch_size") else "")
+        rows.append((f"fine-tune, {len(ts['annotated_slices'])} slices, {ts['iterations']} it, batch {ts['batch_size']}"
+                     f"{working}", _fmt(ts["train_s"] / 60, " min"), "", ""))
         rows.append(("  of which setup (read, plan, preprocess)", _fmt(ts["train_setup_s"] / 60, " min"), "", ""))
         rows.append(("  time per training iteration", _fmt(ts["train_s_per_iteration"], " s"), "", ""))
         rows.append((f"segment {'x'.join(map(str, ts['volume']))} ({_fmt(ts['segment_s_per_slice'], ' s')}/slice)",

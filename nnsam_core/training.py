@@ -199,8 +199,8 @@ class nnUNetTrainerNNSAM(nnUNetTrainerFewShot):
         if self.embedding_bank is not None:
             return self.embedding_bank
         config = self.nnsam_config
-        self.sam_encoder = load_encoder(config.encoder, pretrained=config.pretrained,
-                                        seed=config.random_seed).to(self.device)
+        self.sam_encoder = load_encoder(config.encoder, pretrained=config.pretrained, seed=config.random_seed,
+                                        preparation=config.sam_input).to(self.device)
         dataset = self.dataset_class(self.preprocessed_dataset_folder)
         identifiers = sorted(dataset.case_index, key=dataset.case_index.get)
 

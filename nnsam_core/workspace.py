@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import SimpleITK as sitk
 
@@ -150,11 +150,14 @@ def write_raw_dataset(workspace: Workspace, cases: Sequence[TrainingCase], class
     return folder
 
 
-def plan_and_preprocess(workspace: Workspace, num_processes: int = 1) -> dict:
+def plan_and_preprocess(workspace: Workspace, num_processes: int = 1, max_size: Optional[int] = None) -> dict:
     """Fingerprint, plan (2d) and preprocess with nnunetv2; returns the plans dict.
 
     The axis transpose nnU-Net may choose is suppressed: slices must stay along the image's third axis, since
-    training cases are single slices.
+    training cases are single slices. ``max_size`` caps the in-plane size (pixels, longer side of the median
+    case) that nnU-Net works at: when the planned spacing would give larger slices, the in-plane target spacing is
+    coarsened by the same factor on both axes (nnU-Net resamples to it and predicts back at the original
+    resolution, as its 3d_lowres configuration does).
     """
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
@@ -163,10 +166,31 @@ def plan_and_preprocess(workspace: Workspace, num_processes: int = 1) -> dict:
         extract_fingerprint_dataset(DATASET_ID, num_processes=num_processes, check_dataset_integrity=False,
                                     clean=True, verbose=False, show_progress_bar=False)
         planner = ExperimentPlanner(DATASET_ID, suppress_transpose=True)
+        if max_size:
+            planner.overwrite_target_spacing = capped_target_spacing(planner, max_size)
         planner.plan_experiment()
         preprocess_dataset(DATASET_ID, PLANS, configurations=(CONFIGURATION,), num_processes=[num_processes],
                            verbose=False, show_progress_bar=False)
     return json.loads((workspace.preprocessed_dataset / f"{PLANS}.json").read_text())
+
+
+def capped_target_spacing(planner, max_size: int) -> Optional[list]:
+    """nnU-Net's own target spacing (z, y, x), coarsened in-plane so the median case is at most ``max_size``
+    pixels on its longer side; None when it already is."""
+    import numpy as np
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+    if max_size < 8:
+        raise ValueError("max_size must be at least 8 pixels")
+    spacing = np.asarray(planner.determine_fullres_target_spacing(), dtype=float)
+    fingerprint = planner.dataset_fingerprint
+    shapes = [compute_new_shape(shape, case_spacing, spacing)
+              for case_spacing, shape in zip(fingerprint["spacings"], fingerprint["shapes_after_crop"])]
+    longest = float(np.max(np.median(shapes, 0)[1:]))
+    if longest <= max_size:
+        return None
+    factor = longest / max_size
+    return [float(spacing[0]), float(spacing[1] * factor), float(spacing[2] * factor)]
 
 
 class _StderrProxy:

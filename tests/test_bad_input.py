@@ -121,6 +121,14 @@ def test_slices_out_of_range(capsys, tmp_path, small_pair):
     assert_nothing_written(out)
 
 
+@pytest.mark.parametrize("size", ["-1", "10"])
+def test_max_size_too_small(capsys, tmp_path, small_pair, size):
+    out = tmp_path / "model"
+    code, err = run_cli(capsys, *train_args(small_pair[0], small_pair[1], out, "--max-size", size))
+    assert_one_line_error(code, err, "--max-size", "32")
+    assert_nothing_written(out)
+
+
 def test_rgb_image(capsys, tmp_path, small_pair):
     rgb = sitk.GetImageFromArray(np.zeros((6, 32, 32, 3), np.uint8), isVector=True)
     out = tmp_path / "model"

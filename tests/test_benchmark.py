@@ -227,6 +227,7 @@ def test_end_to_end_writes_every_output(finished_report):
     assert "Other classes (not in the means above): square" in text
     assert "Paired Dice difference" in text and "nnsam benchmark (test)" in text
     assert "Partial results" not in text
+    assert "(SAM input `unit-range`)" in text  # what the nnsam runs actually used (LiteMedSAM's default)
 
     split = result["split"]
     test_names = {u.name for u in split.test}
@@ -247,6 +248,7 @@ def test_end_to_end_writes_every_output(finished_report):
             assert metrics["train_units"] == [u.name for u in split.training_subset(size)]
             assert not set(metrics["train_units"]) & test_names
             assert metrics["iterations"] == 1
+            assert (metrics["nnsam_config"] is None) == (method == "nnunet")
             preds = report_dir / "runs" / method / f"n{size:02d}_seed0" / "predictions"
             assert {p.name[:-7] for p in preds.glob("*.nii.gz")} == test_names
             assert not (preds.parent / "model").exists()  # models are deleted unless --keep-models
@@ -276,6 +278,21 @@ def test_resume_refuses_other_settings(finished_report):
     plan = _plan()
     plan.settings.dataset = str(ds.resolve())
     plan.settings.iterations = 2
+    with pytest.raises(NNSAMError, match="another -o REPORT_DIR"):
+        run_slices_benchmark(ds, report_dir, plan, log=lambda _: None)
+
+
+def test_sam_input_is_a_setting_of_the_nnsam_methods(finished_report):
+    ds, report_dir, _, _ = finished_report
+    plan = _plan()
+    plan.settings.dataset = str(ds.resolve())
+    assert "sam_input" not in plan.settings.comparable()  # default: folders written before the setting still match
+    assert plan.settings.sam_input is None
+    assert plan.settings.nnsam_config("nnsam") is None
+    plan.settings.sam_input = "unit-range"
+    assert plan.settings.nnsam_config("nnunet") is None
+    config = plan.settings.nnsam_config("nnsam-random")
+    assert (config.sam_input, config.pretrained) == ("unit-range", False)
     with pytest.raises(NNSAMError, match="another -o REPORT_DIR"):
         run_slices_benchmark(ds, report_dir, plan, log=lambda _: None)
 

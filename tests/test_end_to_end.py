@@ -56,6 +56,16 @@ def test_api_train_then_segment_cardiac_ct_slice(tmp_path, chd_dataset):
                        class_names=names, iterations=2, device="cpu")
     assert bundle.class_names == names
     assert bundle.manifest["training"]["slices"] == [0]
+    # The quick preset on a CPU trains at most CPU_QUICK_MAX_SIZE pixels across: nnU-Net plans a coarser
+    # in-plane spacing for this 512x512 slice, and segmentation still returns the native grid (below).
+    from nnsam_core.finetune import CPU_QUICK_MAX_SIZE
+    source = sitk.ReadImage(str(chd_dataset / "imagesTr" / "chd_1001_179_0000.nii.gz"))
+    planned = bundle.plans["configurations"]["2d"]
+    assert bundle.manifest["training"]["max_size"] == CPU_QUICK_MAX_SIZE
+    assert planned["spacing"] == bundle.manifest["training"]["working_spacing"]
+    for axis, native in zip(planned["spacing"], reversed(source.GetSpacing()[:2])):
+        assert abs(axis - native * 512 / CPU_QUICK_MAX_SIZE) < 1e-3 * axis
+    assert max(planned["patch_size"]) <= CPU_QUICK_MAX_SIZE
     other = sitk.ReadImage(str(chd_dataset / "imagesTr" / "chd_1002_51_0000.nii.gz"))
     labels = segment(Bundle.load(tmp_path / "chd_model"), other, device="cpu")
     _assert_same_geometry(other, labels)

@@ -108,3 +108,34 @@ def test_embedding_norm_uses_training_statistics(trained):
     weights = bundle.network_weights
     assert not torch.allclose(weights["embedding_std"], torch.ones(256))
     assert bundle.manifest["injection"]["embedding_norm"] == "standardise"
+
+
+def test_sam_input_preparations():
+    """nnunet: the normalised slice as it is; unit-range: each slice rescaled to [0, 1] (MedSAM's convention)."""
+    encoder = load_encoder("litemedsam", pretrained=False)
+    base = torch.linspace(-2, 3, 32 * 32).reshape(1, 1, 32, 32)
+    slices = torch.cat([base, 10 * base + 7])   # same content, another gain and offset
+    as_is = encoder.prepare(slices)
+    assert as_is.shape == (2, 3, 256, 256)
+    assert float(as_is[0].min()) < -1.5 and float(as_is[1].max()) > 30
+    unit = encoder.prepare(slices, "unit-range")
+    for s in unit:
+        assert float(s.min()) == pytest.approx(0, abs=1e-6) and float(s.max()) == pytest.approx(1, abs=1e-6)
+    assert torch.allclose(unit[0], unit[1], atol=1e-5)   # gain and offset no longer matter
+    chosen = load_encoder("litemedsam", pretrained=False, preparation="unit-range")
+    assert torch.equal(chosen.prepare(slices), unit)
+    with pytest.raises(ValueError, match="unknown SAM input"):
+        load_encoder("litemedsam", pretrained=False, preparation="imagenet")
+
+
+def test_sam_input_defaults_to_the_encoders_convention_and_is_recorded(trained):
+    from nnsam_core.network import NNSAMConfig
+
+    assert NNSAMConfig().sam_input == "unit-range"                      # LiteMedSAM was trained on [0, 1]
+    assert NNSAMConfig(encoder="mobilesam").sam_input == "nnunet"       # SAM on ImageNet-standardised pixels
+    bundle, _ = trained
+    assert bundle.manifest["nnsam_config"]["sam_input"] == "unit-range"
+    assert bundle.manifest["sam_input_preparation"].endswith("min_max_to_unit_range_per_slice")
+    # A bundle written before the setting existed was trained on the z-scored slice and must be read so.
+    old = {k: v for k, v in bundle.manifest["nnsam_config"].items() if k != "sam_input"}
+    assert NNSAMConfig.from_dict(old).sam_input == "nnunet"

@@ -59,6 +59,9 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
                         help="classes of the headline mean (Table 1), e.g. LV RV LA RA Myo; the others are "
                              "reported separately (default: all classes)")
     parser.add_argument("--encoder", choices=("litemedsam", "mobilesam"), default="litemedsam")
+    parser.add_argument("--sam-input", choices=("nnunet", "unit-range"),
+                        help="SAM input preparation of nnsam and nnsam-random (default: the encoder's own, as "
+                        "nnsam train)")
     parser.add_argument("--preset", choices=("quick", "full"), default="quick",
                         help="training schedule of every run (quick: 1000 iterations; full: the paper's)")
     parser.add_argument("--iterations", type=int, metavar="N", help="override the preset's iteration count")
@@ -101,7 +104,8 @@ def run_benchmark_command(args) -> int:
     settings = Settings(protocol=protocol, dataset=str(dataset.resolve()), encoder=args.encoder, preset=args.preset,
                         iterations=args.iterations, downsample=args.downsample,
                         split=args.split if not args.in_volume else None,
-                        test_fraction=args.test_fraction if not args.in_volume else None, device=args.device)
+                        test_fraction=args.test_fraction if not args.in_volume else None, device=args.device,
+                        sam_input=args.sam_input)
     plan = Plan(settings=settings, methods=list(dict.fromkeys(args.methods)),
                 sizes=sorted(set(args.sizes)) if not args.in_volume else [],
                 annotated=sorted(set(args.annotated)) if args.in_volume else [],

@@ -379,12 +379,19 @@ def _expected_runs(state: dict, protocol: str) -> set:
     return expected
 
 
+def _sam_inputs(runs: Sequence[dict]) -> str:
+    # Runs recorded before metrics.json kept the SAM branch's settings all fed the z-scored slice.
+    used = sorted({(r.get("nnsam_config") or {}).get("sam_input", "nnunet") for r in runs if r["method"] != "nnunet"})
+    return ", ".join(f"`{u}`" for u in used) or "-"
+
+
 def _setup_section(state: dict, runs: Sequence[dict], protocol: str) -> list[str]:
     s = state["settings"]
     iterations = s["iterations"] if s["iterations"] else f"the preset's ({s['preset']})"
     lines = ["## Setup", "",
              f"- Dataset: `{s['dataset']}` ({state['dataset_name']}; classes {', '.join(state['class_names'])}).",
-             f"- Encoder `{s['encoder']}`, preset `{s['preset']}`, iterations {iterations}"
+             f"- Encoder `{s['encoder']}` (SAM input {_sam_inputs(runs)}), preset `{s['preset']}`, "
+             f"iterations {iterations}"
              + (f", images downsampled in-plane by {s['downsample']} (block average; labels nearest neighbour) "
                 "before training and scoring" if s["downsample"] != 1 else "") + "."]
     if protocol == "slices":

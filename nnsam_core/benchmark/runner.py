@@ -66,11 +66,22 @@ class Settings:
     split: Optional[str] = None           # slices protocol: patient | slice
     test_fraction: Optional[float] = None
     device: str = "auto"                  # recorded, not compared: results from another device can be mixed
+    sam_input: Optional[str] = None       # SAM input preparation of the nnsam methods; None: the encoder's default
 
     def comparable(self) -> dict:
         data = asdict(self)
         data.pop("device")
+        if data["sam_input"] is None:
+            data.pop("sam_input")  # as report folders written before the setting existed
         return data
+
+    def nnsam_config(self, method: str):
+        """The SAM branch of ``method`` under these settings (None: the method's own trainer as it is)."""
+        if method == "nnunet" or self.sam_input is None:
+            return None
+        from dataclasses import replace
+        from ..training import config_of_trainer, trainer_for
+        return replace(config_of_trainer(trainer_for(method, self.encoder)), sam_input=self.sam_input)
 
 
 @dataclass
@@ -217,6 +228,7 @@ def _run_record(bundle, started: float, trained: float) -> dict:
     training = bundle.manifest["training"]
     return {"train_seconds": round(trained - started, 1), "predict_seconds": round(time.monotonic() - trained, 1),
             "iterations": training["iterations"], "batch_size": training["batch_size"], "device": training["device"],
+            "nnsam_config": bundle.manifest.get("nnsam_config"),
             "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
@@ -273,7 +285,7 @@ def run_slices_benchmark(dataset_dir, report_dir, plan: Plan, log: Optional[Log]
         raw = store.write_training_dataset(run_dir / "train_raw", train_units)
         bundle = _load_or_train(run_dir / "model", log, dataset_dir=raw, method=method, encoder=settings.encoder,
                                 preset=settings.preset, iterations=settings.iterations, device=settings.device,
-                                seed=seed, progress=_train_progress(log))
+                                seed=seed, nnsam_config=settings.nnsam_config(method), progress=_train_progress(log))
         trained = time.monotonic()
         scores = _predict_units(bundle, store, split.test, run_dir / "predictions", values, settings.device, log)
         metrics = {"protocol": "slices", "method": method, "size": size, "seed": seed,
@@ -360,7 +372,8 @@ def run_in_volume_benchmark(dataset_dir, report_dir, plan: Plan, count: Optional
         bundle = _load_or_train(run_dir / "model", log, image=image, labels=gt, slices=slices,
                                 class_names=info.class_names, modality=info.channel_name, method=method,
                                 encoder=settings.encoder, preset=settings.preset, iterations=settings.iterations,
-                                device=settings.device, seed=seed, progress=_train_progress(log))
+                                device=settings.device, seed=seed, nnsam_config=settings.nnsam_config(method),
+                                progress=_train_progress(log))
         trained = time.monotonic()
         pred = Segmenter(bundle, settings.device).segment(image)
         write_image_atomically(sitk.Cast(pred, sitk.sitkUInt8), run_dir / "prediction.nii.gz")
