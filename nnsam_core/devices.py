@@ -29,6 +29,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "mps" and available_device() != "mps":
         raise NNSAMError("--device mps was asked for but Apple MPS is not available; use --device auto or cpu")
     if name == "cpu":
-        # Use every core for the network; nnU-Net's augmentation runs in the main process on CPU.
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(cpu_threads())
     return torch.device(name)
+
+
+def cpu_threads() -> int:
+    """Every core for the network (nnU-Net's augmentation runs in the main process on CPU), unless the user set
+    OMP_NUM_THREADS, the usual way to share a machine between jobs."""
+    requested = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if requested.isdigit() and int(requested) > 0:
+        return int(requested)
+    return max(1, os.cpu_count() or 1)
