@@ -30,7 +30,7 @@ from dynamic_network_architectures.building_blocks.simple_conv_blocks import Sta
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch import nn
 
-from .encoders import EMBEDDING_CHANNELS, FrozenEncoder
+from .encoders import EMBEDDING_CHANNELS, FrozenEncoder, get_spec
 
 GRID_CHANNELS = 3
 # Keys are stored in float32 image channels: exact for integers below 2**24.
@@ -52,7 +52,6 @@ class NNSAMConfig:
 
     def __post_init__(self):
         if self.sam_input is None:
-            from .encoders import get_spec
             object.__setattr__(self, "sam_input", get_spec(self.encoder).input_preparation)
 
     def as_dict(self) -> dict:

@@ -146,7 +146,6 @@ def main(argv=None) -> int:
     parser.add_argument("--preparations", nargs="+", default=list(INPUT_PREPARATIONS), choices=INPUT_PREPARATIONS)
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     classes = args.classes
     print(f"| encoder | SAM input | mean Dice | {' | '.join(classes) if classes else 'per class'} |", flush=True)
     result = run_probe(args.dataset, args.downsample, args.fit, args.validate, classes or [], args.preparations)
