@@ -9,6 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 from .errors import NNSAMError
+from .methods import METHOD_HELP, METHODS
 
 EPILOG = "Slices are indices along the image's third axis (axial for an axial CT; Slicer's K)."
 
@@ -42,8 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--slices", help="annotated slice indices, e.g. 12,40,77 (default: every slice with a label)")
     train.add_argument("--class-names", help="names of label values 1..N, e.g. LV,RV,LA,RA,Myo")
     train.add_argument("--encoder", choices=("litemedsam", "mobilesam"), default="litemedsam")
-    train.add_argument("--method", choices=("nnsam", "nnunet", "nnsam-random"), default="nnsam",
-                       help="nnsam; nnunet (no SAM branch, same pipeline); nnsam-random (random frozen encoder)")
+    train.add_argument("--method", choices=METHODS, default="nnsam", help=METHOD_HELP)
     train.add_argument("--preset", choices=("quick", "full"), default="quick",
                        help="quick: 1000 iterations; full: nnU-Net's 1000 epochs x 250 iterations")
     train.add_argument("--iterations", type=int, help="override the preset's number of training iterations "

@@ -37,6 +37,7 @@ GRID_CHANNELS = 3
 SLICES_PER_CASE = 4096
 MAX_KEY = 2 ** 24 - 1
 INJECT_AUTO_STRIDE = 8  # the authors inject at the 1/8-resolution skip
+EMBEDDING_MODES = ("cached", "recomputed")
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,14 @@ class NNSAMConfig:
     inject_stride: int = INJECT_AUTO_STRIDE  # inject at the skip with this in-plane downsampling factor
     embedding_norm: str = "standardise"  # "standardise": per-channel z-score with training-set statistics; "none"
     sam_input: Optional[str] = None  # encoders.INPUT_PREPARATIONS; None: the encoder's own convention
+    # "cached": each slice's embedding computed once, sampled through the grid channels (ours, the default);
+    # "recomputed": in training the encoder runs on every augmented patch at every step, as the authors' code
+    # does (the accuracy reference for the cache; inference is one embedding per slice either way).
+    embeddings: str = "cached"
 
     def __post_init__(self):
+        if self.embeddings not in EMBEDDING_MODES:
+            raise ValueError(f"unknown embeddings mode {self.embeddings!r}; one of {EMBEDDING_MODES}")
         if self.sam_input is None:
             object.__setattr__(self, "sam_input", get_spec(self.encoder).input_preparation)
 
@@ -228,6 +235,22 @@ class NNSAMNet(nn.Module):
         self.embedding_mean.copy_(mean)
         self.embedding_std.copy_(std)
 
+    @staticmethod
+    def _slice_coverage(grid: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """At resolution ``size``: where the patch lies inside its slice (bool mask) and the slice position
+        (row, col grid values) of each pooled pixel."""
+        key_map = grid[:, 2:3]
+        per_sample_key = key_map.flatten(1).amax(dim=1).clamp_min(1.0)[:, None, None, None]
+        weight = (key_map / per_sample_key).clamp(0, 1)  # 1 inside the slice, 0 in padding, between at edges
+        pooled_w = F.interpolate(weight, size=tuple(size), mode="area")
+        pooled_rc = F.interpolate(grid[:, :2] * weight, size=tuple(size), mode="area")
+        return pooled_w > 1e-3, pooled_rc / pooled_w.clamp_min(1e-3)
+
+    def _standardise(self, features: torch.Tensor) -> torch.Tensor:
+        if self.config_dict.get("embedding_norm", "none") == "standardise":
+            return (features - self.embedding_mean[None, :, None, None]) / self.embedding_std[None, :, None, None]
+        return features
+
     def sam_features(self, grid: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """Sample each patch's slice embedding at the patch's pixel positions, at resolution ``size``."""
         if self.sam_bank is None:
@@ -235,26 +258,32 @@ class NNSAMNet(nn.Module):
         grid = grid.float()
         keys = torch.round(grid[:, 2].flatten(1).amax(dim=1)).long().tolist()
         embeddings = self.sam_bank.get(keys, grid.device)
-        key_map = grid[:, 2:3]
-        per_sample_key = key_map.flatten(1).amax(dim=1).clamp_min(1.0)[:, None, None, None]
-        weight = (key_map / per_sample_key).clamp(0, 1)  # 1 inside the slice, 0 in padding, between at edges
-        pooled_w = F.interpolate(weight, size=tuple(size), mode="area")
-        pooled_rc = F.interpolate(grid[:, :2] * weight, size=tuple(size), mode="area")
-        inside = pooled_w > 1e-3
-        rc = pooled_rc / pooled_w.clamp_min(1e-3)
+        inside, rc = self._slice_coverage(grid, size)
         normalised = torch.where(inside, 2.0 * (rc - 1.0) - 1.0, torch.full_like(rc, -2.0))
         sample_grid = normalised.flip(1).permute(0, 2, 3, 1)  # grid_sample wants (x=col, y=row)
         sampled = F.grid_sample(embeddings, sample_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        if self.config_dict.get("embedding_norm", "none") == "standardise":
-            sampled = (sampled - self.embedding_mean[None, :, None, None]) / self.embedding_std[None, :, None, None]
-        return sampled * inside
+        return self._standardise(sampled) * inside
+
+    def recomputed_sam_features(self, image: torch.Tensor, grid: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """The authors' way (``embeddings='recomputed'``): run the frozen encoder on the augmented patches
+        themselves, now, and resize the embedding to resolution ``size``."""
+        if self.sam_bank is None:
+            raise RuntimeError("no embedding bank attached to the nnSAM network")
+        embeddings = self.sam_bank.encoder(image[:, :1]).to(image.device)
+        self.sam_bank.encoder_calls += image.shape[0]
+        inside, _ = self._slice_coverage(grid.float(), size)
+        features = F.interpolate(embeddings, size=tuple(size), mode="bilinear", align_corners=False)
+        return self._standardise(features) * inside
 
     def forward(self, x: torch.Tensor):
         image, grid = x[:, :-GRID_CHANNELS], x[:, -GRID_CHANNELS:]
         skips = self.encoder(image)
-        sam = self.sam_features(grid, skips[self.inject_skip].shape[2:])
+        size = skips[self.inject_skip].shape[2:]
+        if self.training and self.config_dict.get("embeddings", "cached") == "recomputed":
+            sam = self.recomputed_sam_features(image, grid, size)
+        else:
+            sam = self.sam_features(grid, size)
         return self.decoder(skips, sam)
-
 
 def build_nnsam_network(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
                         enable_deep_supervision: bool, config: NNSAMConfig) -> NNSAMNet:

@@ -28,6 +28,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import (nnUNetDatasetBlosc2, n
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from .encoders import load_encoder
+from .methods import METHODS
 from .network import (GRID_CHANNELS, EmbeddingBank, NNSAMConfig, build_nnsam_network, grid_channels,
                       slice_key, split_key)
 
@@ -134,6 +135,18 @@ class nnUNetTrainerFewShot(nnUNetTrainer):
     def _do_i_compile(self):
         # The fused network's bank lookups are Python; compile only when asked explicitly.
         return os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t") and super()._do_i_compile()
+
+    def on_epoch_end(self):
+        # nnU-Net redraws progress.png (matplotlib, ~1.4 s) after every epoch: with epochs of 25 short steps that
+        # was 40% of a GPU fine-tune (docs/speed/gpu.md). Draw it when a checkpoint is written and at the end.
+        epoch = self.current_epoch
+        if (epoch + 1) % self.save_every == 0 or epoch == self.num_epochs - 1:
+            return super().on_epoch_end()
+        self.logger.plot_progress_png = lambda *args, **kwargs: None  # shadows the method for this epoch only
+        try:
+            super().on_epoch_end()
+        finally:
+            del self.logger.plot_progress_png
 
     def save_checkpoint(self, filename: str) -> None:
         # 'best' by pseudo-Dice on the few training slices says little and costs a full write each epoch.
@@ -251,6 +264,12 @@ class nnUNetTrainerNNSAMRandom_MobileSAM(nnUNetTrainerNNSAM):
     nnsam_config = NNSAMConfig(encoder="mobilesam", pretrained=False)
 
 
+class nnUNetTrainerNNSAMRecomputed(nnUNetTrainerNNSAM):
+    """Reference for the embedding cache: the encoder runs on every augmented patch at every training step, as
+    in the authors' code (slow; the cache's accuracy guard compares the two)."""
+    nnsam_config = NNSAMConfig(embeddings="recomputed")
+
+
 def _with_schedule(base, iterations: int, name: str):
     return type(name, (base,), {"default_iterations": iterations, "__module__": __name__,
                                 "__doc__": f"{base.__name__} with {iterations} iterations."})
@@ -278,13 +297,14 @@ TRAINERS = {
     ("nnsam", "mobilesam"): nnUNetTrainerNNSAM_MobileSAM,
     ("nnsam-random", "litemedsam"): nnUNetTrainerNNSAMRandom,
     ("nnsam-random", "mobilesam"): nnUNetTrainerNNSAMRandom_MobileSAM,
+    ("nnsam-recomputed", "litemedsam"): nnUNetTrainerNNSAMRecomputed,
 }
 
 # Trainers a bundle or an nnU-Net results folder may name; anything else is refused (they are untrusted input).
 KNOWN_TRAINERS = {cls.__name__: cls for cls in (
     nnUNetTrainer, nnUNetTrainerFewShot, nnUNetTrainerNNSAM, nnUNetTrainerNNSAM_MobileSAM, nnUNetTrainerNNSAMRandom,
-    nnUNetTrainerNNSAMRandom_MobileSAM, nnUNetTrainerNNSAM_debug, nnUNetTrainerNNSAM_1epoch, nnUNetTrainerNNSAM_10epochs,
-    nnUNetTrainerNNSAM_50epochs, nnUNetTrainerNNSAM_250epochs, nnUNetTrainerNNSAM_full)}
+    nnUNetTrainerNNSAMRandom_MobileSAM, nnUNetTrainerNNSAMRecomputed, nnUNetTrainerNNSAM_debug,
+    nnUNetTrainerNNSAM_1epoch, nnUNetTrainerNNSAM_10epochs, nnUNetTrainerNNSAM_50epochs, nnUNetTrainerNNSAM_250epochs, nnUNetTrainerNNSAM_full)}
 ALLOWED_TRAINER_NAMES = set(KNOWN_TRAINERS)
 
 
@@ -292,7 +312,9 @@ def method_of_trainer(trainer_class) -> str:
     config = config_of_trainer(trainer_class)
     if config is None:
         return "nnunet"
-    return "nnsam" if config.pretrained else "nnsam-random"
+    if not config.pretrained:
+        return "nnsam-random"
+    return "nnsam-recomputed" if config.embeddings == "recomputed" else "nnsam"
 
 
 def trainer_for(method: str, encoder: str):
@@ -300,7 +322,9 @@ def trainer_for(method: str, encoder: str):
         return TRAINERS[(method, encoder)]
     except KeyError:
         from .errors import NNSAMError
-        raise NNSAMError(f"unknown method '{method}'; choose nnsam, nnunet or nnsam-random") from None
+        if method in METHODS:
+            raise NNSAMError(f"method '{method}' is not available with the {encoder} encoder") from None
+        raise NNSAMError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}") from None
 
 
 def config_of_trainer(trainer_class) -> Optional[NNSAMConfig]:

@@ -309,6 +309,19 @@ def test_report_marks_missing_runs_as_partial(finished_report, tmp_path):
     assert "Partial results:" in text and "nnunet 3 0" in text
 
 
+def test_report_of_a_folder_copied_without_its_data_skips_only_the_examples(finished_report, tmp_path):
+    import shutil
+    from nnsam_core.benchmark.report import write_report
+
+    _, report_dir, _, _ = finished_report
+    copy = tmp_path / "copy"
+    shutil.copytree(report_dir, copy, ignore=shutil.ignore_patterns("data", "examples.png"))
+    paths = write_report(copy)
+    text = paths["report"].read_text()
+    assert "Table 1" in text and (copy / "dice_vs_size.png").is_file() and (copy / "results.csv").is_file()
+    assert not (copy / "examples.png").exists() and "examples.png" not in text
+
+
 # --------------------------------------------------------------------------------------------- in-volume
 class _FakeBundle:
     manifest = {"training": {"iterations": 1, "batch_size": 2, "device": "cpu"}}
@@ -383,3 +396,38 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
     assert main(["benchmark", str(ds), "-o", str(tmp_path / "r"), "--sizes", "2", "--classes", "LV", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "--sizes" in err and "LV" in err
+
+
+def test_processes_sharing_a_report_folder_record_every_invocation(tmp_path):
+    """Several benchmark processes (e.g. one per method on a GPU machine) may start on one report folder at
+    once; each invocation must be recorded and benchmark.json never be torn."""
+    import multiprocessing
+
+    from nnsam_core.benchmark.runner import load_state
+
+    methods = ("nnsam", "nnunet", "nnsam-random", "nnsam-recomputed")
+    ctx = multiprocessing.get_context("spawn")
+    start_together = ctx.Barrier(len(methods))
+    procs = [ctx.Process(target=_record_invocations, args=(str(tmp_path), m, start_together)) for m in methods]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert all(p.exitcode == 0 for p in procs)
+    state = load_state(tmp_path)
+    recorded = sorted(i["methods"][0] for i in state["invocations"])
+    assert recorded == sorted(list(methods) * INVOCATIONS_PER_PROCESS)
+    assert not list(tmp_path.glob(".*partial"))
+
+
+INVOCATIONS_PER_PROCESS = 40
+
+
+def _record_invocations(report_dir: str, method: str, start_together) -> None:
+    from nnsam_core.benchmark.runner import init_state
+
+    settings = Settings(protocol="slices", dataset="/data/Dataset901_CHD", split="patient", test_fraction=0.33)
+    plan = Plan(settings=settings, methods=[method], sizes=[4])
+    start_together.wait(240)
+    for _ in range(INVOCATIONS_PER_PROCESS):
+        init_state(Path(report_dir), plan, {"dataset_name": "Dataset901_CHD"}, f"nnsam benchmark --methods {method}")

@@ -13,14 +13,15 @@ import sys
 import numpy as np
 import pytest
 
-from nnsam_core.speed import SliceSource, annotated_indices, format_table
+from nnsam_core.errors import NNSAMError
+from nnsam_core.speed import SliceSource, annotated_indices, format_table, parse_ram_volume_slices
 
 
 def test_bench_speed_tiny_end_to_end(tmp_path):
     out = tmp_path / "speed.json"
     cmd = [sys.executable, "-m", "nnsam_core.cli", "bench-speed", "--device", "cpu", "--size", "64",
            "--steps", "2", "--warmup", "0", "--slices", "2", "--iterations", "1", "--ram-volume-slices", "2",
-           "--json", str(out), "--work-dir", str(tmp_path)]
+           "--compare-recomputed", "--json", str(out), "--work-dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -36,6 +37,10 @@ def test_bench_speed_tiny_end_to_end(tmp_path):
     assert training["encoder_calls_during_timed_iterations"] == 0
     assert training["encoder_calls_per_train_iteration"] == 0
     assert training["patch_size"] == [64, 64]
+    # the authors' way, timed for reference: one encoder call per patch of the batch, every step
+    assert training["recomputed_encoder_calls_per_train_iteration"] == training["batch_size"]
+    assert training["recomputed_step_s"] > 0
+    assert "recomputing embeddings every step" in proc.stdout
     tts = result["time_to_segmentation"]
     assert tts["volume"] == [64, 64, 2]
     assert tts["encoder_calls_per_segmented_slice"] == 1
@@ -92,3 +97,49 @@ def test_bench_speed_is_registered():
     from nnsam_core.cli import build_parser
     args = build_parser().parse_args(["bench-speed", "--size", "128", "--slices", "3"])
     assert args.size == 128 and args.slices == 3 and callable(args.func)
+
+
+def test_ram_volume_slices_zero_skips_and_bad_values_are_refused():
+    assert parse_ram_volume_slices("16,32") == [16, 32]
+    assert parse_ram_volume_slices("0") == []
+    assert parse_ram_volume_slices("") == []
+    with pytest.raises(NNSAMError, match="ram-volume-slices"):
+        parse_ram_volume_slices("16,x")
+    with pytest.raises(NNSAMError, match="positive"):
+        parse_ram_volume_slices("-4")
+
+
+def test_time_to_segmentation_targets_apply_only_to_the_issue_configurations():
+    from nnsam_core.speed import time_to_segmentation_target
+
+    assert time_to_segmentation_target([512, 512, 64], "cpu") == (20.0, True)
+    assert time_to_segmentation_target([512, 512, 200], "cuda") == (2.0, True)
+    assert time_to_segmentation_target([512, 512, 64], "cuda")[1] is False
+    assert time_to_segmentation_target([256, 256, 64], "cpu")[1] is False
+
+
+def test_progress_plot_is_drawn_only_with_checkpoints_and_at_the_end(monkeypatch):
+    """nnU-Net redraws progress.png after every epoch (about 1.4 s each); the few-shot trainer draws it only when
+    it writes a checkpoint and after the last epoch."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnsam_core.training import nnUNetTrainerFewShot
+
+    drawn = []
+
+    class Logger:
+        def plot_progress_png(self, folder):
+            drawn.append(trainer.current_epoch)
+
+    def epoch_end(self):  # the part of nnU-Net's on_epoch_end that matters here
+        self.logger.plot_progress_png("output")
+        self.current_epoch += 1
+
+    monkeypatch.setattr(nnUNetTrainer, "on_epoch_end", epoch_end)
+    trainer = object.__new__(nnUNetTrainerFewShot)
+    trainer.logger, trainer.current_epoch = Logger(), 0
+    trainer.set_schedule(1000)  # 40 epochs of 25 iterations, a checkpoint every 4th epoch
+    for _ in range(trainer.num_epochs):
+        trainer.on_epoch_end()
+    assert drawn == list(range(3, 40, 4))
+    assert "plot_progress_png" not in vars(trainer.logger)  # the method is back after every skipped epoch

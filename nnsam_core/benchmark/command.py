@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import NNSAMError
+from ..methods import METHOD_HELP, METHODS
 
 DESCRIPTION = """\
 Compare nnSAM with nnU-Net (and, as a control, nnSAM with a random frozen encoder) when few slices are annotated.
@@ -43,7 +44,7 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--in-volume", action="store_true",
                         help="in-volume protocol: annotate k slices of each volume, score the others")
     parser.add_argument("--methods", nargs="+", default=["nnsam", "nnunet"],
-                        choices=("nnsam", "nnunet", "nnsam-random"), help="default: nnsam nnunet")
+                        choices=METHODS, help="default: nnsam nnunet. " + METHOD_HELP)
     parser.add_argument("--sizes", nargs="+", type=int, default=[4, 8, 12, 16, 20], metavar="N",
                         help="training set sizes in slices (labelled-slices protocol; default: 4 8 12 16 20)")
     parser.add_argument("--split", choices=("patient", "slice"),

@@ -8,6 +8,7 @@ those files, and test predictions are made on them, so training and testing see 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,7 @@ class UnitStore:
         image, labels = downsample(image, sitk.Cast(labels, sitk.sitkUInt8), self.factor)
         for path, img in ((self.image_file(name), image), (self.label_file(name), labels)):
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(".partial_" + path.name)
+            tmp = path.with_name(f".partial_{os.getpid()}_" + path.name)  # several processes may share a report
             sitk.WriteImage(img, str(tmp), useCompression=True)
             tmp.replace(path)  # a crash never leaves a half-written file under the final name
 

@@ -20,8 +20,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 METRICS = (("dice", "Dice (%)"), ("asd_mm", "ASD (mm)"))
-METHOD_ORDER = ("nnsam", "nnunet", "nnsam-random")
-METHOD_LABELS = {"nnsam": "nnSAM", "nnunet": "nnU-Net", "nnsam-random": "nnSAM (random encoder)"}
+METHOD_ORDER = ("nnsam", "nnunet", "nnsam-random", "nnsam-recomputed")
+METHOD_LABELS = {"nnsam": "nnSAM", "nnunet": "nnU-Net", "nnsam-random": "nnSAM (random encoder)",
+                 "nnsam-recomputed": "nnSAM (embeddings recomputed every step)"}
 
 
 def load_runs(report_dir: Path) -> list[dict]:
@@ -190,6 +191,10 @@ def plot_examples(path: Path, rows: Sequence[dict], class_names: Sequence[str]) 
     plt.close(fig)
 
 
+def _has_case(data: Path, case: str) -> bool:
+    return (data / "imagesTr" / f"{case}_0000.nii.gz").is_file() and (data / "labelsTr" / f"{case}.nii.gz").is_file()
+
+
 def _example_rows(report_dir: Path, state: dict, runs: Sequence[dict], results: Results, protocol: str,
                   max_rows: int = 3) -> tuple[list[dict], int, int]:
     """A few test slices at the smallest size (first seed) that every method finished."""
@@ -211,6 +216,8 @@ def _example_rows(report_dir: Path, state: dict, runs: Sequence[dict], results: 
         test = by_method[results.methods[0]][0]["test_units"]
         picks = [test[int((i + 0.5) * len(test) / min(max_rows, len(test)))] for i in range(min(max_rows, len(test)))]
         for unit in picks:
+            if not _has_case(data, unit):
+                return [], size, seed  # a report folder copied without its data/: no examples figure
             image = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "imagesTr" / f"{unit}_0000.nii.gz")))[0]
             gt = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "labelsTr" / f"{unit}.nii.gz")))[0]
             preds = []
@@ -228,6 +235,8 @@ def _example_rows(report_dir: Path, state: dict, runs: Sequence[dict], results: 
         if not scored:
             continue
         k = scored[len(scored) // 2]
+        if not _has_case(data, volume):
+            return [], size, seed
         image = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "imagesTr" / f"{volume}_0000.nii.gz")))[k]
         gt = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "labelsTr" / f"{volume}.nii.gz")))[k]
         preds = []

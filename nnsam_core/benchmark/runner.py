@@ -17,6 +17,7 @@ fixes the schedule).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -32,10 +33,10 @@ from typing import Callable, Optional, Sequence
 import SimpleITK as sitk
 
 from ..errors import NNSAMError
+from ..methods import METHODS
 from .data import DatasetInfo, UnitStore, pick_volumes, read_dataset
 from .splits import Unit, default_split_mode, evenly_spaced, make_split
 
-METHODS = ("nnsam", "nnunet", "nnsam-random")
 PROTOCOLS = ("slices", "in-volume")
 FORMAT_VERSION = 1
 Log = Callable[[str], None]
@@ -114,13 +115,32 @@ def load_state(report_dir: Path) -> Optional[dict]:
 
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")  # unique: processes may share a report folder
     tmp.write_text(json.dumps(data, indent=2, allow_nan=True))
     tmp.replace(path)  # atomic: a killed run never leaves a truncated marker
 
 
-def init_state(report_dir: Path, plan: Plan, extra: dict, command: Optional[str]) -> dict:
-    """Create benchmark.json or check that the existing one was made with the same settings and split."""
+@contextlib.contextmanager
+def _state_lock(report_dir: Path):
+    """Serialise read-modify-write of benchmark.json between processes sharing a report folder."""
+    import fcntl
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    with open(report_dir / ".benchmark.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def init_state(report_dir: Path, plan: Plan, extra: dict, command: Optional[str],
+               amend: Optional[Callable[[dict], None]] = None) -> dict:
+    """Create benchmark.json or check that the existing one was made with the same settings and split, and
+    record this invocation (``amend`` may add to the state under the same lock)."""
+    with _state_lock(report_dir):
+        return _init_state_locked(report_dir, plan, extra, command, amend)
+
+
+def _init_state_locked(report_dir: Path, plan: Plan, extra: dict, command: Optional[str],
+                       amend: Optional[Callable[[dict], None]]) -> dict:
     state = load_state(report_dir)
     fresh = {"format_version": FORMAT_VERSION, "settings": plan.settings.comparable(), **extra}
     if state is None:
@@ -138,6 +158,8 @@ def init_state(report_dir: Path, plan: Plan, extra: dict, command: Optional[str]
         "volumes": plan.volumes, "device": plan.settings.device, "note": plan.note,
         "report_classes": plan.report_classes,
     })
+    if amend is not None:
+        amend(state)
     _write_json(report_dir / "benchmark.json", state)
     return state
 
@@ -343,9 +365,7 @@ def run_in_volume_benchmark(dataset_dir, report_dir, plan: Plan, count: Optional
     # Volumes and their annotated slices are not compared across invocations: adding volumes later is fine, and
     # each run records its own annotated slices.
     state = init_state(report_dir, plan, {"dataset_name": info.folder.name, "class_names": info.class_names},
-                       command)
-    state.setdefault("annotated", {}).update(annotated)
-    _write_json(report_dir / "benchmark.json", state)
+                       command, amend=lambda s: s.setdefault("annotated", {}).update(annotated))
     store = UnitStore(info, report_dir / "data", plan.settings.downsample)
     for v in volumes:
         store.prepare_volume(v)

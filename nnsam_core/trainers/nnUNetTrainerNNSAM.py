@@ -18,4 +18,5 @@ from nnsam_core.training import (  # noqa: F401  (re-exported for nnU-Net's trai
     nnUNetTrainerNNSAM_MobileSAM,
     nnUNetTrainerNNSAMRandom,
     nnUNetTrainerNNSAMRandom_MobileSAM,
+    nnUNetTrainerNNSAMRecomputed,
 )
