@@ -21,6 +21,7 @@ from NNSAMSegmentLib.Bundles import BundleInfo, BundleStore
 from NNSAMSegmentLib.Devices import DETECTION_SCRIPT, deviceChoices, parseDetectionOutput
 from NNSAMSegmentLib.EngineCommands import DEFAULT_ENCODER, ENCODERS, PRESETS, EngineCommandBuilder, TrainOptions
 from NNSAMSegmentLib.EngineJob import JobState
+from NNSAMSegmentLib.FineTuneResume import mayReplaceResumable
 from NNSAMSegmentLib.Errors import UserError
 from NNSAMSegmentLib.InstallLogic import InstallLogic, isNonInteractive
 from NNSAMSegmentLib.ProcessRunner import QProcessRunner
@@ -398,10 +399,8 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFineTune(self) -> None:
         options = self._trainOptions()
         options.validate()
-        if self.logic.workflow.resumableFineTune is not None and not isNonInteractive() and \
-                not slicer.util.confirmOkCancelDisplay(
-                    _("A stopped fine-tune can still be resumed. Start a new fine-tune and discard it?"),
-                    _("nnSAM: new fine-tune")):
+        if not mayReplaceResumable(self.logic.workflow.resumableFineTune, slicer.util.confirmOkCancelDisplay,
+                                   interactive=not isNonInteractive()):
             return
         self._ensureDependencies()
         self.logic.workflow.startFineTune(self._volume(), self._annotations(), options)

@@ -118,7 +118,8 @@ class Bundle:
     def from_nnunet_results(cls, fold_dir: os.PathLike) -> "Bundle":
         """A bundle view of ``nnUNetv2_train ... -tr nnUNetTrainerNNSAM`` output (the plug-and-play route)."""
         import numpy as np
-        from .training import KNOWN_TRAINERS, config_of_trainer, method_of_trainer
+        from .network import NNSAMConfig
+        from .training import KNOWN_TRAINERS, NNSAM_CONFIG_FILE, config_of_trainer, method_of_trainer
 
         fold_dir = Path(fold_dir)
         model_dir = fold_dir.parent
@@ -136,6 +137,13 @@ class Bundle:
                              f"({exc.__class__.__name__}); refusing to load it") from None
         trainer_class = KNOWN_TRAINERS[trainer_name]
         config = config_of_trainer(trainer_class)
+        recorded = fold_dir / NNSAM_CONFIG_FILE
+        if config is not None and recorded.is_file():  # as trained (folders written before it: the trainer's own)
+            try:
+                config = NNSAMConfig.from_dict(json.loads(recorded.read_text()))
+            except (ValueError, TypeError) as exc:
+                raise NNSAMError(f"{recorded} is not a valid nnSAM configuration ({exc}); "
+                                 "restore it from the training run or delete it to use the trainer's defaults") from None
         dataset_json = json.loads((model_dir / "dataset.json").read_text())
         labels = {k: int(v) for k, v in dataset_json["labels"].items() if k != "background"}
         manifest = {

@@ -13,6 +13,7 @@ the dataset classes; ``nnsam_core/trainers/`` re-exports them for ``nnUNet_extTr
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Callable, Optional
@@ -33,6 +34,7 @@ from .network import (GRID_CHANNELS, EmbeddingBank, NNSAMConfig, build_nnsam_net
                       slice_key, split_key)
 
 ProgressCallback = Callable[[dict], None]
+NNSAM_CONFIG_FILE = "nnsam_config.json"  # beside checkpoint_final.pth in an nnU-Net results fold folder
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -244,7 +246,19 @@ class nnUNetTrainerNNSAM(nnUNetTrainerFewShot):
     def on_train_start(self):
         super().on_train_start()
         self.ensure_embedding_bank()
+        self._record_config()
         self._train_started_at = time.monotonic()  # do not count encoder time in the training ETA
+
+    def _record_config(self) -> None:
+        """Write the SAM branch's settings beside nnU-Net's checkpoints (the plug-and-play route has no bundle
+        manifest), so a results folder is read as it was trained even after a default changes."""
+        if self.local_rank != 0:
+            return
+        path = os.path.join(self.output_folder, NNSAM_CONFIG_FILE)
+        os.makedirs(self.output_folder, exist_ok=True)
+        with open(path + ".partial", "w") as handle:
+            json.dump(self.nnsam_config.as_dict(), handle, indent=2)
+        os.replace(path + ".partial", path)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.ensure_embedding_bank()

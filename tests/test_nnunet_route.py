@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 import nnsam_core
@@ -48,6 +49,19 @@ def test_nnunetv2_train_with_nnsam_trainer(tmp_path, chest_ct):
     assert (fold / "checkpoint_final.pth").is_file()
     summary = json.loads((fold / "validation" / "summary.json").read_text())  # nnU-Net's own final validation ran
     assert "mean" in summary
+    # the SAM branch's settings are recorded beside the checkpoint and win over the trainer's current defaults
+    from nnsam_core.bundle import Bundle
+    from nnsam_core.errors import NNSAMError
+    recorded = fold / "nnsam_config.json"
+    trained_with = json.loads(recorded.read_text())
+    assert trained_with["encoder"] == "litemedsam" and trained_with["sam_input"] == "unit-range"
+    assert Bundle.from_nnunet_results(fold).manifest["nnsam_config"] == trained_with
+    recorded.write_text(json.dumps(dict(trained_with, sam_input="nnunet")))
+    assert Bundle.from_nnunet_results(fold).manifest["nnsam_config"]["sam_input"] == "nnunet"
+    recorded.write_text(json.dumps(dict(trained_with, embeddings="sometimes")))
+    with pytest.raises(NNSAMError, match="nnsam_config.json is not a valid"):
+        Bundle.from_nnunet_results(fold)
+    recorded.write_text(json.dumps(trained_with))
 
     crop = image[:, :, 18:20]
     sitk.WriteImage(crop, str(tmp_path / "crop.nii.gz"))

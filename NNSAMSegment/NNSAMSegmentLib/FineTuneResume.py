@@ -13,6 +13,7 @@ import glob
 import json
 import os
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 from .EngineCommands import TrainOptions, validateClassNames, validateSlices
 from .Errors import UserError
@@ -104,3 +105,16 @@ def resumeNote(record: FineTuneRecord) -> str:
     if record.hasCheckpoint():
         return "Its work so far is kept: Resume fine-tune continues from the last checkpoint."
     return "Its inputs are kept: Resume fine-tune trains again on the same annotations (no checkpoint yet)."
+
+
+DISCARD_QUESTION = "A stopped fine-tune can still be resumed. Start a new fine-tune and discard it?"
+DISCARD_TITLE = "nnSAM: new fine-tune"
+
+
+def mayReplaceResumable(resumable: Optional[FineTuneRecord], confirm: Callable[[str, str], bool],
+                        interactive: bool) -> bool:
+    """Whether a new fine-tune may start. Starting one deletes the resumable fine-tune, so the user is asked
+    (``confirm(question, title)``) when there is one; nobody is asked in testing or batch mode."""
+    if resumable is None or not interactive:
+        return True
+    return bool(confirm(DISCARD_QUESTION, DISCARD_TITLE))

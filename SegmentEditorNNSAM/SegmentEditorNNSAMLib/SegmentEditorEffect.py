@@ -204,8 +204,13 @@ as fully annotated.</li>
     # ---------------------------------------------------------------------------------------------- actions
     def onFineTuneAndPreview(self):
         from NNSAMSegmentLib.EngineCommands import TrainOptions
+        from NNSAMSegmentLib.FineTuneResume import mayReplaceResumable
+        from NNSAMSegmentLib.InstallLogic import isNonInteractive
 
         volumeNode, segmentationNode = self._inputs()
+        if not mayReplaceResumable(self._logic().workflow.resumableFineTune, slicer.util.confirmOkCancelDisplay,
+                                   interactive=not isNonInteractive()):
+            return  # the stopped fine-tune stays resumable (from the nnSAM module)
         self._removePreview()
         self._rememberChoices()
         memory = self._logic().workflow.memory

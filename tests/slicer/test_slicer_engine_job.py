@@ -635,3 +635,24 @@ def test_a_runner_that_raises_on_start_leaves_no_running_job(tmp_path):
     assert finished == [job] and job.state == JobState.FAILED and not job.isRunning
     assert "no such program" in job.errorMessage
     assert not os.path.exists(job.jobDirectory)
+
+
+def test_a_new_fine_tune_asks_before_discarding_a_resumable_one(tmp_path):
+    """Module and Segment Editor effect share this rule: starting a fine-tune deletes the resumable one."""
+    from NNSAMSegmentLib.FineTuneResume import DISCARD_QUESTION, FineTuneRecord, mayReplaceResumable
+
+    record = FineTuneRecord(jobDirectory=str(tmp_path), bundleName="m", title="t", slices=(1,), classNames=("LV",),
+                            options=TrainOptions())
+    asked = []
+
+    def answer(reply):
+        def confirm(question, title):
+            asked.append(question)
+            return reply
+        return confirm
+
+    assert mayReplaceResumable(None, answer(False), interactive=True) and not asked   # nothing to lose: no question
+    assert not mayReplaceResumable(record, answer(False), interactive=True)           # the user keeps it
+    assert mayReplaceResumable(record, answer(True), interactive=True)
+    assert asked == [DISCARD_QUESTION, DISCARD_QUESTION]
+    assert mayReplaceResumable(record, answer(False), interactive=False) and len(asked) == 2  # testing/batch mode
