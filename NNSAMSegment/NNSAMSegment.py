@@ -21,8 +21,8 @@ from NNSAMSegmentLib.Bundles import BundleInfo, BundleStore
 from NNSAMSegmentLib.Devices import DETECTION_SCRIPT, deviceChoices, parseDetectionOutput
 from NNSAMSegmentLib.EngineCommands import DEFAULT_ENCODER, ENCODERS, PRESETS, EngineCommandBuilder, TrainOptions
 from NNSAMSegmentLib.EngineJob import JobState
-from NNSAMSegmentLib.FineTuneResume import mayReplaceResumable
 from NNSAMSegmentLib.Errors import UserError
+from NNSAMSegmentLib.FineTuneResume import mayReplaceResumable
 from NNSAMSegmentLib.InstallLogic import InstallLogic, isNonInteractive
 from NNSAMSegmentLib.ProcessRunner import QProcessRunner
 from NNSAMSegmentLib.Progress import formatDuration

@@ -142,8 +142,8 @@ class Bundle:
             try:
                 config = NNSAMConfig.from_dict(json.loads(recorded.read_text()))
             except (ValueError, TypeError) as exc:
-                raise NNSAMError(f"{recorded} is not a valid nnSAM configuration ({exc}); "
-                                 "restore it from the training run or delete it to use the trainer's defaults") from None
+                raise NNSAMError(f"{recorded} is not a valid nnSAM configuration ({exc}); restore it from the "
+                                 "training run or delete it to use the trainer's defaults") from None
         dataset_json = json.loads((model_dir / "dataset.json").read_text())
         labels = {k: int(v) for k, v in dataset_json["labels"].items() if k != "background"}
         manifest = {

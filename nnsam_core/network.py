@@ -285,6 +285,7 @@ class NNSAMNet(nn.Module):
             sam = self.sam_features(grid, size)
         return self.decoder(skips, sam)
 
+
 def build_nnsam_network(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
                         enable_deep_supervision: bool, config: NNSAMConfig) -> NNSAMNet:
     """nnU-Net's planned PlainConvUNet, fused with a SAM branch as ``config`` says."""

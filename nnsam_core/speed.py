@@ -244,7 +244,8 @@ def measure_training_iteration(workspace, device, steps: int, warmup: int, seed:
         t1 = time.perf_counter()
         sam = _build_trainer(nnUNetTrainerNNSAM, workspace, device, seed)
         t2 = time.perf_counter()
-        recomputed = _build_trainer(nnUNetTrainerNNSAMRecomputed, workspace, device, seed) if compare_recomputed else None
+        recomputed = (_build_trainer(nnUNetTrainerNNSAMRecomputed, workspace, device, seed)
+                      if compare_recomputed else None)
         bank = sam.embedding_bank
         bank_fill_calls = bank.encoder_calls
         try:

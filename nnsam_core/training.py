@@ -318,7 +318,8 @@ TRAINERS = {
 KNOWN_TRAINERS = {cls.__name__: cls for cls in (
     nnUNetTrainer, nnUNetTrainerFewShot, nnUNetTrainerNNSAM, nnUNetTrainerNNSAM_MobileSAM, nnUNetTrainerNNSAMRandom,
     nnUNetTrainerNNSAMRandom_MobileSAM, nnUNetTrainerNNSAMRecomputed, nnUNetTrainerNNSAM_debug,
-    nnUNetTrainerNNSAM_1epoch, nnUNetTrainerNNSAM_10epochs, nnUNetTrainerNNSAM_50epochs, nnUNetTrainerNNSAM_250epochs, nnUNetTrainerNNSAM_full)}
+    nnUNetTrainerNNSAM_1epoch, nnUNetTrainerNNSAM_10epochs, nnUNetTrainerNNSAM_50epochs,
+    nnUNetTrainerNNSAM_250epochs, nnUNetTrainerNNSAM_full)}
 ALLOWED_TRAINER_NAMES = set(KNOWN_TRAINERS)
 
 
