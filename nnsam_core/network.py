@@ -128,12 +128,16 @@ class EmbeddingBank:
                 by_shape.setdefault(tuple(s.shape), []).append(i)
             for indices in by_shape.values():
                 batch = torch.from_numpy(np.stack([np.asarray(slices[i], dtype=np.float32) for i in indices]))[:, None]
-                embeddings = self.encoder(batch).to("cpu", torch.float16)
-                self.encoder_calls += len(indices)
+                embeddings = self.encode(batch).to("cpu", torch.float16)
                 for i, emb in zip(indices, embeddings):
                     self._store[chunk[i]] = emb
             while len(self._store) > self.max_entries:
                 self._store.popitem(last=False)
+
+    def encode(self, slices: torch.Tensor) -> torch.Tensor:
+        """Run the frozen encoder on (B, 1, H, W) slices now, counting the calls; nothing is stored."""
+        self.encoder_calls += slices.shape[0]
+        return self.encoder(slices)
 
     def get(self, keys: Sequence[int], device: torch.device) -> torch.Tensor:
         keys = [int(k) for k in keys]
@@ -269,8 +273,7 @@ class NNSAMNet(nn.Module):
         themselves, now, and resize the embedding to resolution ``size``."""
         if self.sam_bank is None:
             raise RuntimeError("no embedding bank attached to the nnSAM network")
-        embeddings = self.sam_bank.encoder(image[:, :1]).to(image.device)
-        self.sam_bank.encoder_calls += image.shape[0]
+        embeddings = self.sam_bank.encode(image[:, :1]).to(image.device)
         inside, _ = self._slice_coverage(grid.float(), size)
         features = F.interpolate(embeddings, size=tuple(size), mode="bilinear", align_corners=False)
         return self._standardise(features) * inside

@@ -57,7 +57,8 @@ class _RecordingBank:
         self.encoded: list[torch.Tensor] = []
         self.gets = 0
 
-    def encoder(self, slices):
+    def encode(self, slices):
+        self.encoder_calls += slices.shape[0]
         self.encoded.append(slices.detach().clone())
         # an embedding that depends on the input, so recomputed features follow the patch
         return slices.mean(dim=(1, 2, 3), keepdim=True).expand(-1, 256, 64, 64).clone()
