@@ -227,7 +227,8 @@ def test_end_to_end_writes_every_output(finished_report):
     assert "Other classes (not in the means above): square" in text
     assert "Paired Dice difference" in text and "nnsam benchmark (test)" in text
     assert "Partial results" not in text
-    assert "(SAM input `unit-range`)" in text  # what the nnsam runs actually used (LiteMedSAM's default)
+    # what the nnsam runs actually used: LiteMedSAM's default input, the authors' 1/8 skip
+    assert "(SAM input `unit-range`, injected at the 1/8 skip)" in text
 
     split = result["split"]
     test_names = {u.name for u in split.test}
@@ -294,6 +295,20 @@ def test_sam_input_is_a_setting_of_the_nnsam_methods(finished_report):
     config = plan.settings.nnsam_config("nnsam-random")
     assert (config.sam_input, config.pretrained) == ("unit-range", False)
     with pytest.raises(NNSAMError, match="another -o REPORT_DIR"):
+        run_slices_benchmark(ds, report_dir, plan, log=lambda _: None)
+
+
+def test_inject_stride_is_a_setting_of_the_nnsam_methods(finished_report):
+    ds, report_dir, _, _ = finished_report
+    plan = _plan()
+    plan.settings.dataset = str(ds.resolve())
+    assert "inject_stride" not in plan.settings.comparable()
+    plan.settings.inject_stride = 2
+    config = plan.settings.nnsam_config("nnsam")
+    assert (config.inject_stride, config.pretrained, config.sam_input) == (2, True, "unit-range")
+    assert plan.settings.nnsam_config("nnsam-random").inject_stride == 2
+    assert plan.settings.nnsam_config("nnunet") is None
+    with pytest.raises(NNSAMError, match="another -o REPORT_DIR"):  # runs at 1/8 are not mixed with runs at 1/2
         run_slices_benchmark(ds, report_dir, plan, log=lambda _: None)
 
 

@@ -63,6 +63,9 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--sam-input", choices=("nnunet", "unit-range"),
                         help="SAM input preparation of nnsam and nnsam-random (default: the encoder's own, as "
                         "nnsam train)")
+    parser.add_argument("--inject-stride", type=int, choices=(2, 4, 8, 16, 32),
+                        help="nnsam methods inject the SAM embedding at the skip with this downsampling (default: "
+                        "the trainer's, 8, the authors'); for studying the injection stage")
     parser.add_argument("--preset", choices=("quick", "full"), default="quick",
                         help="training schedule of every run (quick: 1000 iterations; full: the paper's)")
     parser.add_argument("--iterations", type=int, metavar="N", help="override the preset's iteration count")
@@ -106,7 +109,7 @@ def run_benchmark_command(args) -> int:
                         iterations=args.iterations, downsample=args.downsample,
                         split=args.split if not args.in_volume else None,
                         test_fraction=args.test_fraction if not args.in_volume else None, device=args.device,
-                        sam_input=args.sam_input)
+                        sam_input=args.sam_input, inject_stride=args.inject_stride)
     plan = Plan(settings=settings, methods=list(dict.fromkeys(args.methods)),
                 sizes=sorted(set(args.sizes)) if not args.in_volume else [],
                 annotated=sorted(set(args.annotated)) if args.in_volume else [],

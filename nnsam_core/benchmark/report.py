@@ -388,10 +388,14 @@ def _expected_runs(state: dict, protocol: str) -> set:
     return expected
 
 
-def _sam_inputs(runs: Sequence[dict]) -> str:
-    # Runs recorded before metrics.json kept the SAM branch's settings all fed the z-scored slice.
-    used = sorted({(r.get("nnsam_config") or {}).get("sam_input", "nnunet") for r in runs if r["method"] != "nnunet"})
-    return ", ".join(f"`{u}`" for u in used) or "-"
+def _sam_branch(runs: Sequence[dict]) -> str:
+    """SAM input and injection stage of the runs' SAM branches, e.g. "SAM input `unit-range`, injected at 1/8"."""
+    # Runs recorded before metrics.json kept the SAM branch's settings all fed the z-scored slice at 1/8.
+    configs = [r.get("nnsam_config") or {} for r in runs if r["method"] != "nnunet"]
+    inputs = sorted({c.get("sam_input", "nnunet") for c in configs})
+    strides = sorted({int(c.get("inject_stride", 8)) for c in configs})
+    return (f"SAM input {', '.join(f'`{u}`' for u in inputs) or '-'}, injected at the "
+            f"{', '.join(f'1/{s}' for s in strides) or '-'} skip")
 
 
 def _setup_section(state: dict, runs: Sequence[dict], protocol: str) -> list[str]:
@@ -399,7 +403,7 @@ def _setup_section(state: dict, runs: Sequence[dict], protocol: str) -> list[str
     iterations = s["iterations"] if s["iterations"] else f"the preset's ({s['preset']})"
     lines = ["## Setup", "",
              f"- Dataset: `{s['dataset']}` ({state['dataset_name']}; classes {', '.join(state['class_names'])}).",
-             f"- Encoder `{s['encoder']}` (SAM input {_sam_inputs(runs)}), preset `{s['preset']}`, "
+             f"- Encoder `{s['encoder']}` ({_sam_branch(runs)}), preset `{s['preset']}`, "
              f"iterations {iterations}"
              + (f", images downsampled in-plane by {s['downsample']} (block average; labels nearest neighbour) "
                 "before training and scoring" if s["downsample"] != 1 else "") + "."]

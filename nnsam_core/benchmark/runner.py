@@ -68,21 +68,28 @@ class Settings:
     test_fraction: Optional[float] = None
     device: str = "auto"                  # recorded, not compared: results from another device can be mixed
     sam_input: Optional[str] = None       # SAM input preparation of the nnsam methods; None: the encoder's default
+    inject_stride: Optional[int] = None   # skip the nnsam methods inject at; None: the trainer's (1/8, the authors')
+
+    # Settings that change only the SAM branch; left unset they are not compared, so report folders written
+    # before a setting existed still accept runs.
+    SAM_BRANCH_FIELDS = ("sam_input", "inject_stride")
 
     def comparable(self) -> dict:
         data = asdict(self)
         data.pop("device")
-        if data["sam_input"] is None:
-            data.pop("sam_input")  # as report folders written before the setting existed
+        for name in self.SAM_BRANCH_FIELDS:
+            if data[name] is None:
+                data.pop(name)
         return data
 
     def nnsam_config(self, method: str):
         """The SAM branch of ``method`` under these settings (None: the method's own trainer as it is)."""
-        if method == "nnunet" or self.sam_input is None:
+        chosen = {name: getattr(self, name) for name in self.SAM_BRANCH_FIELDS if getattr(self, name) is not None}
+        if method == "nnunet" or not chosen:
             return None
         from dataclasses import replace
         from ..training import config_of_trainer, trainer_for
-        return replace(config_of_trainer(trainer_for(method, self.encoder)), sam_input=self.sam_input)
+        return replace(config_of_trainer(trainer_for(method, self.encoder)), **chosen)
 
 
 @dataclass
