@@ -238,17 +238,22 @@ def measure_training_iteration(workspace, device, steps: int, warmup: int, seed:
     if da_workers is None:
         da_workers = 0 if device.type == "cpu" else None  # as fine_tune runs it
     env = {"nnUNet_n_proc_DA": None if da_workers is None else str(da_workers)}
+    built = []  # every trainer built so far: its augmentation workers are shut down even if a later build fails
+
+    def build(trainer_class):
+        built.append(_build_trainer(trainer_class, workspace, device, seed))
+        return built[-1]
+
     with workspace.activated(), scoped_environ(env), nnunet_output_to_stderr():
-        t0 = time.perf_counter()
-        plain = _build_trainer(nnUNetTrainerFewShot, workspace, device, seed)
-        t1 = time.perf_counter()
-        sam = _build_trainer(nnUNetTrainerNNSAM, workspace, device, seed)
-        t2 = time.perf_counter()
-        recomputed = (_build_trainer(nnUNetTrainerNNSAMRecomputed, workspace, device, seed)
-                      if compare_recomputed else None)
-        bank = sam.embedding_bank
-        bank_fill_calls = bank.encoder_calls
         try:
+            t0 = time.perf_counter()
+            plain = build(nnUNetTrainerFewShot)
+            t1 = time.perf_counter()
+            sam = build(nnUNetTrainerNNSAM)
+            t2 = time.perf_counter()
+            recomputed = build(nnUNetTrainerNNSAMRecomputed) if compare_recomputed else None
+            bank = sam.embedding_bank
+            bank_fill_calls = bank.encoder_calls
             times = {"nnunet_step": [], "nnsam_step": [], "nnunet_data": [], "nnsam_data": []}
             if recomputed is not None:
                 times["recomputed_step"] = []
@@ -288,10 +293,8 @@ def measure_training_iteration(workspace, device, steps: int, warmup: int, seed:
             if recomputed is not None:
                 recomputed_calls = recomputed.embedding_bank.encoder_calls - recomputed_calls_before
         finally:
-            _shutdown(plain)
-            _shutdown(sam)
-            if recomputed is not None:
-                _shutdown(recomputed)
+            for trainer in built:
+                _shutdown(trainer)
     med = {k: statistics.median(v) for k, v in times.items()}
     patch = list(plain.configuration_manager.patch_size)
     extra = {}

@@ -143,3 +143,28 @@ def test_progress_plot_is_drawn_only_with_checkpoints_and_at_the_end(monkeypatch
         trainer.on_epoch_end()
     assert drawn == list(range(3, 40, 4))
     assert "plot_progress_png" not in vars(trainer.logger)  # the method is back after every skipped epoch
+
+
+def test_trainers_already_built_are_shut_down_when_a_later_build_fails(monkeypatch):
+    import contextlib
+
+    import torch
+
+    from nnsam_core import speed
+
+    built, shut_down = [], []
+
+    def build(trainer_class, workspace, device, seed):
+        if len(built) == 1:
+            raise RuntimeError("second trainer cannot be built")
+        built.append(trainer_class.__name__)
+        return trainer_class.__name__
+
+    class Workspace:
+        activated = staticmethod(contextlib.nullcontext)
+
+    monkeypatch.setattr(speed, "_build_trainer", build)
+    monkeypatch.setattr(speed, "_shutdown", shut_down.append)
+    with pytest.raises(RuntimeError, match="second trainer"):
+        speed.measure_training_iteration(Workspace(), torch.device("cpu"), steps=1, warmup=0)
+    assert built == ["nnUNetTrainerFewShot"] and shut_down == built
