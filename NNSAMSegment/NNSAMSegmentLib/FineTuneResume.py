@@ -18,6 +18,12 @@ from typing import Callable, Optional
 from .EngineCommands import TrainOptions, validateClassNames, validateSlices
 from .Errors import UserError
 
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # outside the Slicer application (tests with slicer-core): English
+    def _(text: str) -> str:
+        return text
+
 DESCRIPTION_NAME = "nnsam-finetune.json"
 IMAGE_NAME = "image.nrrd"
 LABELS_NAME = "labels.nrrd"
@@ -107,8 +113,10 @@ def resumeNote(record: FineTuneRecord) -> str:
     return "Its inputs are kept: Resume fine-tune trains again on the same annotations (no checkpoint yet)."
 
 
-DISCARD_QUESTION = "A stopped fine-tune can still be resumed. Start a new fine-tune and discard it?"
-DISCARD_TITLE = "nnSAM: new fine-tune"
+def discardQuestion() -> tuple[str, str]:
+    """(question, window title) asked before a new fine-tune discards a resumable one; translated in Slicer."""
+    return (_("A stopped fine-tune can still be resumed. Start a new fine-tune and discard it?"),
+            _("nnSAM: new fine-tune"))
 
 
 def mayReplaceResumable(resumable: Optional[FineTuneRecord], confirm: Callable[[str, str], bool],
@@ -117,4 +125,4 @@ def mayReplaceResumable(resumable: Optional[FineTuneRecord], confirm: Callable[[
     (``confirm(question, title)``) when there is one; nobody is asked in testing or batch mode."""
     if resumable is None or not interactive:
         return True
-    return bool(confirm(DISCARD_QUESTION, DISCARD_TITLE))
+    return bool(confirm(*discardQuestion()))

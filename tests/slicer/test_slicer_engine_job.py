@@ -639,7 +639,7 @@ def test_a_runner_that_raises_on_start_leaves_no_running_job(tmp_path):
 
 def test_a_new_fine_tune_asks_before_discarding_a_resumable_one(tmp_path):
     """Module and Segment Editor effect share this rule: starting a fine-tune deletes the resumable one."""
-    from NNSAMSegmentLib.FineTuneResume import DISCARD_QUESTION, FineTuneRecord, mayReplaceResumable
+    from NNSAMSegmentLib.FineTuneResume import FineTuneRecord, discardQuestion, mayReplaceResumable
 
     record = FineTuneRecord(jobDirectory=str(tmp_path), bundleName="m", title="t", slices=(1,), classNames=("LV",),
                             options=TrainOptions())
@@ -654,5 +654,6 @@ def test_a_new_fine_tune_asks_before_discarding_a_resumable_one(tmp_path):
     assert mayReplaceResumable(None, answer(False), interactive=True) and not asked   # nothing to lose: no question
     assert not mayReplaceResumable(record, answer(False), interactive=True)           # the user keeps it
     assert mayReplaceResumable(record, answer(True), interactive=True)
-    assert asked == [DISCARD_QUESTION, DISCARD_QUESTION]
+    question, _title = discardQuestion()
+    assert asked == [question, question] and "discard" in question
     assert mayReplaceResumable(record, answer(False), interactive=False) and len(asked) == 2  # testing/batch mode
