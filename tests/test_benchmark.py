@@ -225,7 +225,7 @@ def test_end_to_end_writes_every_output(finished_report):
     assert "## Table 1: mean over disk" in text and "Table 2" in text and "Table 3" in text
     assert "| nnSAM |" in text and "| nnU-Net |" in text
     assert "Other classes (not in the means above): square" in text
-    assert "Paired Dice difference" in text and "nnsam benchmark (test)" in text
+    assert "Paired Dice differences" in text and "nnsam benchmark (test)" in text
     assert "Partial results" not in text
     # what the nnsam runs actually used: LiteMedSAM's default input, the authors' 1/8 skip
     assert "(SAM input `unit-range`, injected at the 1/8 skip)" in text
@@ -322,6 +322,24 @@ def test_report_marks_missing_runs_as_partial(finished_report, tmp_path):
     shutil.rmtree(copy / "runs" / "nnunet" / "n03_seed0")
     text = write_report(copy)["report"].read_text()
     assert "Partial results:" in text and "nnunet 3 0" in text
+
+
+def test_report_compares_nnsam_with_its_random_encoder_control(finished_report, tmp_path):
+    import shutil
+    from nnsam_core.benchmark.report import write_report
+
+    _, report_dir, _, _ = finished_report
+    copy = tmp_path / "copy"
+    shutil.copytree(report_dir, copy)
+    # a stand-in control run: nnU-Net's scores under the control's name, so nnSAM - control = nnSAM - nnU-Net
+    shutil.copytree(copy / "runs" / "nnunet", copy / "runs" / "nnsam-random")
+    for path in (copy / "runs" / "nnsam-random").glob("*/metrics.json"):
+        path.write_text(path.read_text().replace('"method": "nnunet"', '"method": "nnsam-random"'))
+    text = write_report(copy)["report"].read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| nnSAM | ")]
+    against_nnunet = {row[2]: row[3] for row in rows if row[1] == "nnU-Net"}
+    against_control = {row[2]: row[3] for row in rows if row[1].startswith("nnSAM (random encoder) (is the gain")}
+    assert against_nnunet and against_control == against_nnunet
 
 
 def test_report_of_a_folder_copied_without_its_data_skips_only_the_examples(finished_report, tmp_path):

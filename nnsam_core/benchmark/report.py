@@ -306,19 +306,7 @@ def write_report(report_dir, report_classes: Optional[Sequence[str]] = None) -> 
                         [[METHOD_LABELS.get(m, m)] + [_fmt(results.cell(m, n, metric)) for n in sizes]
                          for m in results.methods])
         lines.append("")
-    if "nnunet" in results.methods and len(results.methods) > 1:
-        lines += ["### Paired Dice difference against nnU-Net (same seed, same item)", ""]
-        rows = []
-        for m in results.methods:
-            if m == "nnunet":
-                continue
-            for n in sizes:
-                p = results.paired(m, "nnunet", n)
-                if p:
-                    sd = "" if math.isnan(p["sd"]) else f" ± {p['sd']:.2f}"
-                    rows.append([METHOD_LABELS.get(m, m), str(n), f"{p['mean']:+.2f}{sd}", str(p["n"]),
-                                 f"{p['better']} / {p['worse']}"])
-        lines += _table(["Method", "size", "Dice − nnU-Net (points)", "items", "better / worse"], rows) + [""]
+    lines += _paired_section(results, sizes)
 
     for number, (metric, label) in zip((2, 3), METRICS):
         lines += [f"## Table {number}: {label} per class", ""]
@@ -386,6 +374,31 @@ def _expected_runs(state: dict, protocol: str) -> set:
                     else:
                         expected.update((m, n, s, v) for v in inv["volumes"])
     return expected
+
+
+# (method, baseline, what the difference answers): every method against nnU-Net, then the two controls
+CONTROL_COMPARISONS = (("nnsam", "nnsam-random", "is the gain from pretrained features?"),
+                       ("nnsam-recomputed", "nnsam", "does the embedding cache cost accuracy?"))
+
+
+def _paired_section(results, sizes) -> list[str]:
+    """Paired Dice differences on the same items: each method against nnU-Net, and nnSAM against its controls."""
+    comparisons = [(m, "nnunet", "") for m in results.methods if m != "nnunet" and "nnunet" in results.methods]
+    comparisons += [c for c in CONTROL_COMPARISONS if c[0] in results.methods and c[1] in results.methods]
+    rows = []
+    for method, baseline, question in comparisons:
+        for n in sizes:
+            p = results.paired(method, baseline, n)
+            if p:
+                sd = "" if math.isnan(p["sd"]) else f" ± {p['sd']:.2f}"
+                rows.append([METHOD_LABELS.get(method, method), METHOD_LABELS.get(baseline, baseline) +
+                             (f" ({question})" if question else ""), str(n), f"{p['mean']:+.2f}{sd}", str(p["n"]),
+                             f"{p['better']} / {p['worse']}"])
+    if not rows:
+        return []
+    return (["### Paired Dice differences (same seed, same item)", ""]
+            + _table(["Method", "against", "size", "Dice difference (points)", "items", "better / worse"], rows)
+            + [""])
 
 
 def _sam_branch(runs: Sequence[dict]) -> str:
