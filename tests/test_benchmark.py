@@ -342,6 +342,26 @@ def test_report_compares_nnsam_with_its_random_encoder_control(finished_report, 
     assert against_nnunet and against_control == against_nnunet
 
 
+def test_paired_differences_count_patients_by_their_mean_difference():
+    from nnsam_core.benchmark.report import Results
+
+    def run(method, dice_by_item):
+        return {"method": method, "size": 4, "seed": 0,
+                "scores": [{"item": item, "classes": {"1": {"dice": d, "asd_mm": 1.0}}}
+                           for item, d in dice_by_item.items()]}
+
+    base = {"a1": 50.0, "a2": 50.0, "a3": 50.0, "b1": 50.0}
+    better = {"a1": 60.0, "a2": 49.0, "a3": 49.0, "b1": 45.0}  # patient a: +10, -1, -1 (mean +2.7); b: -5
+    patients = {"a1": "a", "a2": "a", "a3": "a", "b1": "b"}
+    paired = Results([run("nnsam", better), run("nnunet", base)], ["LV"], ["LV"], patients).paired(
+        "nnsam", "nnunet", 4)
+    assert (paired["better"], paired["worse"], paired["n"]) == (1, 3, 4)
+    assert (paired["patients_better"], paired["patients_worse"], paired["patients"]) == (1, 1, 2)
+    assert paired["mean"] == pytest.approx(0.75)
+    assert Results([run("nnsam", better), run("nnunet", base)], ["LV"], ["LV"]).paired(
+        "nnsam", "nnunet", 4)["patients"] == 0
+
+
 def test_report_of_a_folder_copied_without_its_data_skips_only_the_examples(finished_report, tmp_path):
     import shutil
     from nnsam_core.benchmark.report import write_report

@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .splits import Unit
+
 METRICS = (("dice", "Dice (%)"), ("asd_mm", "ASD (mm)"))
 METHOD_ORDER = ("nnsam", "nnunet", "nnsam-random", "nnsam-recomputed")
 METHOD_LABELS = {"nnsam": "nnSAM", "nnunet": "nnU-Net", "nnsam-random": "nnSAM (random encoder)",
@@ -61,8 +63,10 @@ def methods_in(runs: Sequence[dict]) -> list[str]:
 class Results:
     """Item-level scores: (method, size, seed, item) -> {class value: {metric: value}}, plus headline."""
 
-    def __init__(self, runs: Sequence[dict], class_names: Sequence[str], headline: Sequence[str]):
+    def __init__(self, runs: Sequence[dict], class_names: Sequence[str], headline: Sequence[str],
+                 patients: Optional[dict] = None):
         self.runs = list(runs)
+        self.patients = dict(patients or {})  # item -> patient, where items are slices of known patients
         self.class_names = list(class_names)
         self.values = {name: str(i) for i, name in enumerate(class_names, start=1)}
         self.headline = [self.values[c] for c in headline]
@@ -92,8 +96,10 @@ class Results:
         return _mean_sd([e[metric][key] for (m, n, _, _), e in self.items.items() if m == method and n == size])
 
     def paired(self, method: str, baseline: str, size: int, metric: str = "dice") -> Optional[dict]:
-        """Per (seed, item) differences method - baseline, on the items both have."""
-        diffs = []
+        """Per (seed, item) differences method - baseline, on the items both have; with patients known, also how
+        many patients the method is better or worse on (mean difference over each patient's items): slices of one
+        patient are not independent, so this count is the sounder one."""
+        diffs, by_patient = [], defaultdict(list)
         for (m, n, seed, item), entry in self.items.items():
             if m != method or n != size:
                 continue
@@ -103,11 +109,15 @@ class Results:
             a, b = entry[metric]["headline"], other[metric]["headline"]
             if not (math.isnan(a) or math.isnan(b)):
                 diffs.append(a - b)
+                if item in self.patients:
+                    by_patient[self.patients[item]].append(a - b)
         if not diffs:
             return None
         mean, sd, n = _mean_sd(diffs)
+        per_patient = [float(np.mean(d)) for d in by_patient.values()]
         return {"mean": mean, "sd": sd, "n": n, "better": sum(d > 0 for d in diffs),
-                "worse": sum(d < 0 for d in diffs)}
+                "worse": sum(d < 0 for d in diffs), "patients": len(per_patient),
+                "patients_better": sum(d > 0 for d in per_patient), "patients_worse": sum(d < 0 for d in per_patient)}
 
 
 def write_csv(path: Path, runs: Sequence[dict], class_names: Sequence[str]) -> None:
@@ -275,7 +285,7 @@ def write_report(report_dir, report_classes: Optional[Sequence[str]] = None) -> 
     headline = headline_classes(state, report_classes)
     others = [c for c in class_names if c not in headline]
     runs = [r for r in load_runs(report_dir) if r["protocol"] == protocol]
-    results = Results(runs, class_names, headline)
+    results = Results(runs, class_names, headline, patients=_test_patients(state))
     size_word = "training slices" if protocol == "slices" else "annotated slices per volume"
     item_word = "test slices" if protocol == "slices" else "volumes"
     paths = {"report": report_dir / "report.md", "csv": report_dir / "results.csv",
@@ -381,6 +391,16 @@ CONTROL_COMPARISONS = (("nnsam", "nnsam-random", "is the gain from pretrained fe
                        ("nnsam-recomputed", "nnsam", "does the embedding cache cost accuracy?"))
 
 
+def _unit_name(unit: dict) -> str:
+    return Unit.from_dict(unit).name
+
+
+def _test_patients(state: dict) -> dict:
+    """item -> patient of the test slices of a labelled-slices report (in-volume items are whole volumes)."""
+    split = state.get("split") or {}
+    return {_unit_name(u): u["patient"] for u in split.get("test", []) if u.get("patient")}
+
+
 def _paired_section(results, sizes) -> list[str]:
     """Paired Dice differences on the same items: each method against nnU-Net, and nnSAM against its controls."""
     comparisons = [(m, "nnunet", "") for m in results.methods if m != "nnunet" and "nnunet" in results.methods]
@@ -393,12 +413,17 @@ def _paired_section(results, sizes) -> list[str]:
                 sd = "" if math.isnan(p["sd"]) else f" ± {p['sd']:.2f}"
                 rows.append([METHOD_LABELS.get(method, method), METHOD_LABELS.get(baseline, baseline) +
                              (f" ({question})" if question else ""), str(n), f"{p['mean']:+.2f}{sd}", str(p["n"]),
-                             f"{p['better']} / {p['worse']}"])
+                             f"{p['better']} / {p['worse']}"]
+                            + ([f"{p['patients_better']} / {p['patients_worse']} of {p['patients']}"]
+                               if results.patients else []))
     if not rows:
         return []
-    return (["### Paired Dice differences (same seed, same item)", ""]
-            + _table(["Method", "against", "size", "Dice difference (points)", "items", "better / worse"], rows)
-            + [""])
+    header = ["Method", "against", "size", "Dice difference (points)", "items", "better / worse"]
+    if results.patients:
+        header.append("patients better / worse")
+    return (["### Paired Dice differences (same seed, same item)", ""] + _table(header, rows)
+            + (["", "Patients: the mean difference over each test patient's slices (slices of one patient are not "
+                "independent samples)."] if results.patients else []) + [""])
 
 
 def _sam_branch(runs: Sequence[dict]) -> str:
@@ -422,8 +447,8 @@ def _setup_section(state: dict, runs: Sequence[dict], protocol: str) -> list[str
                 "before training and scoring" if s["downsample"] != 1 else "") + "."]
     if protocol == "slices":
         split = state["split"]
-        test = [u["case"] if u["k"] is None else f"{u['case']}_z{u['k']:03d}" for u in split["test"]]
-        pool = [u["case"] if u["k"] is None else f"{u['case']}_z{u['k']:03d}" for u in split["pool"]]
+        test = [_unit_name(u) for u in split["test"]]
+        pool = [_unit_name(u) for u in split["pool"]]
         patients = sorted({u["patient"] for u in split["test"] if u.get("patient")})
         lines += [f"- Split `{split['mode']}` (fixed seed {split['seed']}, test fraction {split['test_fraction']:.3g}): "
                   f"{len(test)} test slices" + (f" from patients {', '.join(patients)}" if split["mode"] == "patient"
