@@ -184,10 +184,14 @@ class EngineJob:
         if errorText:
             self._log(errorText)
 
-        if self._stopRequested:
+        finishedCleanly = exitCode == 0 and not self._errorEventMessage
+        if self._stopRequested and finishedCleanly:
+            # The engine finished before the stop reached it: its result is complete, so it is kept.
+            self._log("The engine had already finished when the stop was requested; its result is kept.")
+        if self._stopRequested and not finishedCleanly:
             self.state = JobState.STOPPED
             self.errorMessage = "Stopped; nothing was saved."
-        elif exitCode == 0 and not self._errorEventMessage:
+        elif finishedCleanly:
             self._runOnSuccess()
         else:
             self.state = JobState.FAILED

@@ -271,15 +271,29 @@ def _checkpointStep(jobDirectory) -> int:
 
 
 def _stoppedAfterCheckpoint(workflow, annotatedVolume, monkeypatch, tmp_path):
-    """A fine-tune of 30 steps with a checkpoint every 2, stopped once a checkpoint of step 4 or later exists."""
+    """A fine-tune of 100 steps with a checkpoint every 2, stopped once a checkpoint of step 4 or later exists."""
     monkeypatch.setenv("FAKE_MODE", "slow")
-    monkeypatch.setenv("FAKE_STEPS", "30")
+    monkeypatch.setenv("FAKE_STEPS", "100")  # 10 s of training: the stop lands mid-way even on a loaded machine
     job = workflow.startFineTune(*annotatedVolume, TrainOptions(checkpointEvery=2))
     _waitFor(lambda: _checkpointStep(job.jobDirectory) >= 4 and (tmp_path / "child.pid").exists(), job.runner)
     assert os.path.isdir(os.path.join(job.jobDirectory, "bundle.partial"))  # the engine is mid-way through
     job.stop()
     assert job.wait(10)
     return job
+
+
+def test_a_stop_that_arrives_after_the_engine_finished_keeps_the_model(workflow, annotatedVolume):
+    """Stop pressed as training completes: the engine exited 0 with a bundle; the model is not thrown away."""
+    job = workflow.startFineTune(*annotatedVolume, TrainOptions(iterations=2))
+    deadline = time.monotonic() + 30
+    while job.runner.isRunning():  # the process ends; its completion is not delivered yet
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+    job.stop()
+    assert job.wait(10)
+    assert job.state == JobState.SUCCEEDED, job.errorMessage
+    assert job.exitCode == 0 and workflow.currentBundle == job.result
+    assert os.path.dirname(job.result.path) == workflow.store.rootDirectory
 
 
 def test_stop_kills_the_engine_keeps_a_resumable_folder_and_leaves_no_bundle(workflow, annotatedVolume, tmp_path,
