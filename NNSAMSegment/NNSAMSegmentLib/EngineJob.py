@@ -185,13 +185,12 @@ class EngineJob:
             self._log(errorText)
 
         finishedCleanly = exitCode == 0 and not self._errorEventMessage
-        if self._stopRequested and finishedCleanly:
-            # The engine finished before the stop reached it: its result is complete, so it is kept.
-            self._log("The engine had already finished when the stop was requested; its result is kept.")
         if self._stopRequested and not finishedCleanly:
             self.state = JobState.STOPPED
             self.errorMessage = "Stopped; nothing was saved."
         elif finishedCleanly:
+            if self._stopRequested:  # the engine finished before the stop reached it: its result is complete
+                self._log("The engine had already finished when the stop was requested; its result is kept.")
             self._runOnSuccess()
         else:
             self.state = JobState.FAILED
