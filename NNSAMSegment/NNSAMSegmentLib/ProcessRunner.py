@@ -26,6 +26,10 @@ from typing import Optional, Protocol, Sequence
 
 from .Signal import Signal
 
+# How long a stopped engine may take to clean up (nnU-Net shuts down its workers, temporary files are removed)
+# before it is killed; generous because a laptop busy with training can be slow to schedule it.
+STOP_GRACE_SECONDS = 10.0
+
 
 class ProcessRunner(Protocol):
     stdoutReceived: Signal
@@ -35,7 +39,7 @@ class ProcessRunner(Protocol):
     def start(self, program: str, args: Sequence[str], env: Optional[dict] = None,
               workingDirectory: Optional[str] = None) -> None: ...
 
-    def stop(self, graceSeconds: float = 3.0) -> None: ...
+    def stop(self, graceSeconds: float = STOP_GRACE_SECONDS) -> None: ...
 
     def isRunning(self) -> bool: ...
 
@@ -146,7 +150,7 @@ class SubprocessRunner:
     def isRunning(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def stop(self, graceSeconds: float = 3.0) -> None:
+    def stop(self, graceSeconds: float = STOP_GRACE_SECONDS) -> None:
         process = self._process
         if process is None or process.poll() is not None:
             return
@@ -243,7 +247,7 @@ class QProcessRunner:
     def isRunning(self) -> bool:
         return self._process.state() != self._qt.QProcess.NotRunning
 
-    def stop(self, graceSeconds: float = 3.0) -> None:
+    def stop(self, graceSeconds: float = STOP_GRACE_SECONDS) -> None:
         if not self.isRunning():
             return
         pid = int(self._process.processId())
