@@ -219,9 +219,21 @@ def _bundle_import(args) -> int:
     return 0
 
 
+def interruptible() -> None:
+    """Let an interrupt (Stop in Slicer, Ctrl-C) raise KeyboardInterrupt even when this process inherited SIGINT
+    ignored, as programs started in the background by a shell do: otherwise Stop could only kill the engine, and
+    its clean-up (temporary files, nnU-Net's workers) would never run."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning)  # third-party deprecation chatter, not for users
+    interruptible()
     parser = build_parser()
     args = parser.parse_args(argv)
     json_mode = getattr(args, "progress", None) == "json"

@@ -214,3 +214,17 @@ def test_json_progress_reports_the_error_too(capsys, tmp_path, small_pair):
     assert code == 2
     last = json.loads(captured.out.strip().splitlines()[-1])
     assert last["stage"] == "error" and "does not exist" in last["message"]
+
+
+def test_the_engine_can_be_interrupted_even_when_started_with_sigint_ignored():
+    """A shell starts background programs with SIGINT ignored; Stop must still reach the engine's clean-up."""
+    import signal
+
+    from nnsam_core.cli import interruptible
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        interruptible()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)

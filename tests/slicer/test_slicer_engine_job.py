@@ -30,7 +30,7 @@ from NNSAMSegmentLib.Terminology import CardiacTerminology, ensureCardiacSegment
 from NNSAMSegmentLib.Workflow import NNSAMWorkflow
 
 FAKE_ENGINE = textwrap.dedent(r'''
-    import argparse, json, os, subprocess, sys, time
+    import argparse, json, os, signal, subprocess, sys, time
 
     def progress(stage, step=0, total=0, loss=None, eta_s=None, message=""):
         print(json.dumps(dict(stage=stage, step=step, total=total, loss=loss, eta_s=eta_s, message=message)),
@@ -67,6 +67,7 @@ FAKE_ENGINE = textwrap.dedent(r'''
     predict.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     predict.add_argument("--progress", choices=["text", "json"], default="text")
     args = parser.parse_args()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as the real engine (nnsam_core.cli.interruptible)
 
     mode = os.environ.get("FAKE_MODE", "ok")
     with open(os.environ["FAKE_ARGS_LOG"], "a") as log:
