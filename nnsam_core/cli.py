@@ -9,7 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 from .errors import NNSAMError
-from .methods import METHOD_HELP, METHODS
+from .methods import INJECT_STRIDES, METHOD_HELP, METHODS, SAM_INPUTS
 
 EPILOG = "Slices are indices along the image's third axis (axial for an axial CT; Slicer's K)."
 
@@ -51,11 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-size", type=int, metavar="PIXELS",
                        help="largest in-plane size nnU-Net trains at; results keep the image's resolution (default: "
                        "192 for the quick preset on a CPU, else the native resolution; 0 = always native)")
-    train.add_argument("--inject-stride", type=int, default=8, choices=(2, 4, 8, 16, 32),
+    train.add_argument("--inject-stride", type=int, default=8, choices=INJECT_STRIDES,
                        help="inject the SAM embedding at the skip with this downsampling (default 8, the authors')")
     train.add_argument("--embedding-norm", choices=("standardise", "none"), default="standardise",
                        help="standardise SAM features per channel with training statistics (default) or not")
-    train.add_argument("--sam-input", choices=("nnunet", "unit-range"),
+    train.add_argument("--sam-input", choices=SAM_INPUTS,
                        help="SAM encoder input: the nnU-Net-normalised slice (the authors') or that slice rescaled to "
                        "[0, 1] (default: what the encoder was trained on: unit-range for litemedsam, nnunet for "
                        "mobilesam)")

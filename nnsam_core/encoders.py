@@ -24,9 +24,10 @@ from torch import nn
 
 from . import weights
 from .errors import NNSAMError
+from .methods import SAM_INPUTS
 
 EMBEDDING_CHANNELS = 256
-INPUT_PREPARATIONS = ("nnunet", "unit-range")
+INPUT_PREPARATIONS = SAM_INPUTS
 
 
 def input_preparation_description(preparation: str) -> str:

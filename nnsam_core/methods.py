@@ -1,6 +1,12 @@
-"""The training methods the engine offers (light: the command line reads this without importing torch)."""
+"""The training methods and SAM-branch options the engine offers (light: the command line reads this without
+importing torch)."""
 
 METHODS = ("nnsam", "nnunet", "nnsam-random", "nnsam-recomputed")
+
+# What the frozen encoder is fed (encoders.input_preparation) and where its embedding may be injected
+# (in-plane downsampling of the U-Net skip).
+SAM_INPUTS = ("nnunet", "unit-range")
+INJECT_STRIDES = (2, 4, 8, 16, 32)
 
 METHOD_HELP = ("nnsam; nnunet (no SAM branch, same pipeline); nnsam-random (random frozen encoder, the control for "
                "pretrained features); nnsam-recomputed (embeddings recomputed on every patch at every training "

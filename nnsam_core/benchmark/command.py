@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import NNSAMError
-from ..methods import METHOD_HELP, METHODS
+from ..methods import INJECT_STRIDES, METHOD_HELP, METHODS, SAM_INPUTS
 
 DESCRIPTION = """\
 Compare nnSAM with nnU-Net (and, as a control, nnSAM with a random frozen encoder) when few slices are annotated.
@@ -60,10 +60,10 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
                         help="classes of the headline mean (Table 1), e.g. LV RV LA RA Myo; the others are "
                              "reported separately (default: all classes)")
     parser.add_argument("--encoder", choices=("litemedsam", "mobilesam"), default="litemedsam")
-    parser.add_argument("--sam-input", choices=("nnunet", "unit-range"),
+    parser.add_argument("--sam-input", choices=SAM_INPUTS,
                         help="SAM input preparation of nnsam and nnsam-random (default: the encoder's own, as "
                         "nnsam train)")
-    parser.add_argument("--inject-stride", type=int, choices=(2, 4, 8, 16, 32),
+    parser.add_argument("--inject-stride", type=int, choices=INJECT_STRIDES,
                         help="nnsam methods inject the SAM embedding at the skip with this downsampling (default: "
                         "the trainer's, 8, the authors'); for studying the injection stage")
     parser.add_argument("--preset", choices=("quick", "full"), default="quick",
