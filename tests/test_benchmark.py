@@ -362,6 +362,25 @@ def test_paired_differences_count_patients_by_their_mean_difference():
         "nnsam", "nnunet", 4)["patients"] == 0
 
 
+def test_seed_means_and_their_spread_are_reported_where_a_method_ran_several_seeds():
+    from nnsam_core.benchmark.report import Results, _seed_section
+
+    def run(method, seed, dice_by_item):
+        return {"method": method, "size": 4, "seed": seed,
+                "scores": [{"item": item, "classes": {"1": {"dice": d, "asd_mm": 1.0}, "2": {"dice": 0.0,
+                                                                                        "asd_mm": 1.0}}}
+                           for item, d in dice_by_item.items()]}
+
+    runs = [run("nnsam", 0, {"a": 40.0, "b": 60.0}), run("nnsam", 1, {"a": 30.0, "b": float("nan")}),
+            run("nnsam-recomputed", 0, {"a": 20.0, "b": 20.0})]
+    results = Results(runs, ["LV", "RV"], ["LV"])
+    assert results.seed_means("nnsam", 4) == {0: 50.0, 1: 30.0}  # headline LV only; an unscored item is skipped
+    rows = [line.split(" | ") for line in _seed_section(results, [4]) if line.startswith("| nnSAM | ")]
+    assert rows == [["| nnSAM", "4", "0, 1", "50.00, 30.00", "40.00 ± 14.14 |"]]
+    # one seed: no spread to show
+    assert _seed_section(Results(runs[2:], ["LV", "RV"], ["LV"]), [4]) == []
+
+
 def test_report_of_a_folder_copied_without_its_data_skips_only_the_examples(finished_report, tmp_path):
     import shutil
     from nnsam_core.benchmark.report import write_report

@@ -95,6 +95,15 @@ class Results:
     def cell(self, method: str, size: int, metric: str, key: str = "headline") -> tuple[float, float, int]:
         return _mean_sd([e[metric][key] for (m, n, _, _), e in self.items.items() if m == method and n == size])
 
+    def seed_means(self, method: str, size: int, metric: str = "dice") -> dict[int, float]:
+        """seed -> the headline mean over that seed's items: one number per training run (over volumes in the
+        in-volume protocol), whose spread across seeds is the seed noise."""
+        by_seed = defaultdict(list)
+        for (m, n, seed, _), entry in self.items.items():
+            if m == method and n == size:
+                by_seed[seed].append(entry[metric]["headline"])
+        return {seed: _nanmean(values) for seed, values in sorted(by_seed.items())}
+
     def paired(self, method: str, baseline: str, size: int, metric: str = "dice") -> Optional[dict]:
         """Per (seed, item) differences method - baseline, on the items both have; with patients known, also how
         many patients the method is better or worse on (mean difference over each patient's items): slices of one
@@ -317,6 +326,7 @@ def write_report(report_dir, report_classes: Optional[Sequence[str]] = None) -> 
                          for m in results.methods])
         lines.append("")
     lines += _paired_section(results, sizes)
+    lines += _seed_section(results, sizes)
 
     for number, (metric, label) in zip((2, 3), METRICS):
         lines += [f"## Table {number}: {label} per class", ""]
@@ -424,6 +434,23 @@ def _paired_section(results, sizes) -> list[str]:
     return (["### Paired Dice differences (same seed, same item)", ""] + _table(header, rows)
             + (["", "Patients: the mean difference over each test patient's slices (slices of one patient are not "
                 "independent samples)."] if results.patients else []) + [""])
+
+
+def _seed_section(results, sizes) -> list[str]:
+    """Where a method ran with several seeds: each seed's mean Dice and their spread, the yardstick for "within
+    seed noise" (e.g. for the embedding cache against recomputing embeddings every step)."""
+    rows = []
+    for method in results.methods:
+        for n in sizes:
+            means = results.seed_means(method, n)
+            if len(means) < 2:
+                continue
+            rows.append([METHOD_LABELS.get(method, method), str(n), ", ".join(str(s) for s in means),
+                         ", ".join(f"{v:.2f}" for v in means.values()), _fmt(_mean_sd(means.values()))])
+    if not rows:
+        return []
+    return (["### Between seeds (mean Dice of each seed's run, then mean ± SD over seeds)", ""]
+            + _table(["Method", "size", "seeds", "Dice per seed (%)", "mean ± SD over seeds"], rows) + [""])
 
 
 def _sam_branch(runs: Sequence[dict]) -> str:
