@@ -5,7 +5,7 @@ build it, where its weights come from and what input it wants. :class:`FrozenEnc
 never train: it is always in eval mode (its BatchNorm statistics never move), never gives gradients, and is
 kept out of the fused network's module tree, so it is never in a state_dict, an optimizer or a checkpoint.
 
-SAM input preparation (``INPUT_PREPARATIONS``): the nnU-Net-normalised slice, one channel repeated to three,
+SAM input preparation (``methods.SAM_INPUTS``): the nnU-Net-normalised slice, one channel repeated to three,
 bilinearly resized to the encoder's square input size, then either fed as it is (``nnunet``, the authors' choice;
 z-scored intensities, roughly -2..3) or rescaled per slice to [0, 1] (``unit-range``, what MedSAM and LiteMedSAM
 were trained on: their pipeline min-max normalises each resized slice). SAM's ImageNet normalisation is not used.
@@ -27,7 +27,6 @@ from .errors import NNSAMError
 from .methods import SAM_INPUTS
 
 EMBEDDING_CHANNELS = 256
-INPUT_PREPARATIONS = SAM_INPUTS
 
 
 def input_preparation_description(preparation: str) -> str:
@@ -103,8 +102,8 @@ class FrozenEncoder:
 
     def __init__(self, spec: EncoderSpec, module: nn.Module, weights_sha256: str | None, pretrained: bool,
                  preparation: str = "nnunet"):
-        if preparation not in INPUT_PREPARATIONS:
-            raise ValueError(f"unknown SAM input preparation {preparation!r}; one of {INPUT_PREPARATIONS}")
+        if preparation not in SAM_INPUTS:
+            raise ValueError(f"unknown SAM input preparation {preparation!r}; one of {SAM_INPUTS}")
         self.preparation = preparation
         self.spec = spec
         self.weights_sha256 = weights_sha256
@@ -131,7 +130,7 @@ class FrozenEncoder:
         return self
 
     def prepare(self, slices: torch.Tensor, preparation: str | None = None) -> torch.Tensor:
-        """(B, 1, H, W) nnU-Net-normalised slices -> (B, 3, S, S) encoder input (see INPUT_PREPARATIONS)."""
+        """(B, 1, H, W) nnU-Net-normalised slices -> (B, 3, S, S) encoder input (see SAM_INPUTS)."""
         if slices.ndim != 4 or slices.shape[1] != 1:
             raise ValueError(f"expected (B, 1, H, W) slices, got {tuple(slices.shape)}")
         size = self.spec.input_size

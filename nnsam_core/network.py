@@ -49,7 +49,7 @@ class NNSAMConfig:
     random_seed: int = 0             # seed of the random control's weights
     inject_stride: int = INJECT_AUTO_STRIDE  # inject at the skip with this in-plane downsampling factor
     embedding_norm: str = "standardise"  # "standardise": per-channel z-score with training-set statistics; "none"
-    sam_input: Optional[str] = None  # encoders.INPUT_PREPARATIONS; None: the encoder's own convention
+    sam_input: Optional[str] = None  # methods.SAM_INPUTS; None: the encoder's own convention
     # "cached": each slice's embedding computed once, sampled through the grid channels (ours, the default);
     # "recomputed": in training the encoder runs on every augmented patch at every step, as the authors' code
     # does (the accuracy reference for the cache; inference is one embedding per slice either way).

@@ -22,7 +22,8 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ..encoders import INPUT_PREPARATIONS, load_encoder
+from ..encoders import load_encoder
+from ..methods import SAM_INPUTS
 from .data import downsample, read_dataset
 from .splits import default_split_mode, make_split
 
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fit", type=int, default=8, help="pool slices to fit the probe on (default 8)")
     parser.add_argument("--validate", type=int, default=16, help="next pool slices to score it on (default 16)")
     parser.add_argument("--classes", nargs="+", default=None, help="classes of the mean (default: all)")
-    parser.add_argument("--preparations", nargs="+", default=list(INPUT_PREPARATIONS), choices=INPUT_PREPARATIONS)
+    parser.add_argument("--preparations", nargs="+", default=list(SAM_INPUTS), choices=SAM_INPUTS)
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args(argv)
     classes = args.classes
