@@ -342,37 +342,35 @@ def test_report_compares_nnsam_with_its_random_encoder_control(finished_report, 
     assert against_nnunet and against_control == against_nnunet
 
 
+def _scored_run(method, dice_by_item, seed=0):
+    """A finished run of size 4 as the report reads it: class 1 (LV) scored per item, class 2 (RV) at Dice 0."""
+    return {"method": method, "size": 4, "seed": seed,
+            "scores": [{"item": item,
+                        "classes": {"1": {"dice": d, "asd_mm": 1.0}, "2": {"dice": 0.0, "asd_mm": 1.0}}}
+                       for item, d in dice_by_item.items()]}
+
+
 def test_paired_differences_count_patients_by_their_mean_difference():
     from nnsam_core.benchmark.report import Results
-
-    def run(method, dice_by_item):
-        return {"method": method, "size": 4, "seed": 0,
-                "scores": [{"item": item, "classes": {"1": {"dice": d, "asd_mm": 1.0}}}
-                           for item, d in dice_by_item.items()]}
 
     base = {"a1": 50.0, "a2": 50.0, "a3": 50.0, "b1": 50.0}
     better = {"a1": 60.0, "a2": 49.0, "a3": 49.0, "b1": 45.0}  # patient a: +10, -1, -1 (mean +2.7); b: -5
     patients = {"a1": "a", "a2": "a", "a3": "a", "b1": "b"}
-    paired = Results([run("nnsam", better), run("nnunet", base)], ["LV"], ["LV"], patients).paired(
+    paired = Results([_scored_run("nnsam", better), _scored_run("nnunet", base)], ["LV"], ["LV"], patients).paired(
         "nnsam", "nnunet", 4)
     assert (paired["better"], paired["worse"], paired["n"]) == (1, 3, 4)
     assert (paired["patients_better"], paired["patients_worse"], paired["patients"]) == (1, 1, 2)
     assert paired["mean"] == pytest.approx(0.75)
-    assert Results([run("nnsam", better), run("nnunet", base)], ["LV"], ["LV"]).paired(
+    assert Results([_scored_run("nnsam", better), _scored_run("nnunet", base)], ["LV"], ["LV"]).paired(
         "nnsam", "nnunet", 4)["patients"] == 0
 
 
 def test_seed_means_and_their_spread_are_reported_where_a_method_ran_several_seeds():
     from nnsam_core.benchmark.report import Results, _seed_section
 
-    def run(method, seed, dice_by_item):
-        return {"method": method, "size": 4, "seed": seed,
-                "scores": [{"item": item, "classes": {"1": {"dice": d, "asd_mm": 1.0}, "2": {"dice": 0.0,
-                                                                                        "asd_mm": 1.0}}}
-                           for item, d in dice_by_item.items()]}
-
-    runs = [run("nnsam", 0, {"a": 40.0, "b": 60.0}), run("nnsam", 1, {"a": 30.0, "b": float("nan")}),
-            run("nnsam-recomputed", 0, {"a": 20.0, "b": 20.0})]
+    runs = [_scored_run("nnsam", {"a": 40.0, "b": 60.0}, seed=0),
+            _scored_run("nnsam", {"a": 30.0, "b": float("nan")}, seed=1),
+            _scored_run("nnsam-recomputed", {"a": 20.0, "b": 20.0}, seed=0)]
     results = Results(runs, ["LV", "RV"], ["LV"])
     assert results.seed_means("nnsam", 4) == {0: 50.0, 1: 30.0}  # headline LV only; an unscored item is skipped
     rows = [line.split(" | ") for line in _seed_section(results, [4]) if line.startswith("| nnSAM | ")]
