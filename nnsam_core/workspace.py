@@ -150,7 +150,7 @@ def write_raw_dataset(workspace: Workspace, cases: Sequence[TrainingCase], class
     return folder
 
 
-def plan_and_preprocess(workspace: Workspace, num_processes: int = 1, max_size: Optional[int] = None) -> dict:
+def plan_and_preprocess(workspace: Workspace, max_size: Optional[int] = None) -> dict:
     """Fingerprint, plan (2d) and preprocess with nnunetv2; returns the plans dict.
 
     The axis transpose nnU-Net may choose is suppressed: slices must stay along the image's third axis, since
@@ -162,16 +162,39 @@ def plan_and_preprocess(workspace: Workspace, num_processes: int = 1, max_size: 
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
-    with workspace.activated(), nnunet_output_to_stderr():
-        extract_fingerprint_dataset(DATASET_ID, num_processes=num_processes, check_dataset_integrity=False,
+    with workspace.activated(), nnunet_output_to_stderr(), nnunet_pools_in_process():
+        extract_fingerprint_dataset(DATASET_ID, num_processes=1, check_dataset_integrity=False,
                                     clean=True, verbose=False, show_progress_bar=False)
         planner = ExperimentPlanner(DATASET_ID, suppress_transpose=True)
         if max_size:
             planner.overwrite_target_spacing = capped_target_spacing(planner, max_size)
         planner.plan_experiment()
-        preprocess_dataset(DATASET_ID, PLANS, configurations=(CONFIGURATION,), num_processes=[num_processes],
+        preprocess_dataset(DATASET_ID, PLANS, configurations=(CONFIGURATION,), num_processes=[1],
                            verbose=False, show_progress_bar=False)
     return json.loads((workspace.preprocessed_dataset / f"{PLANS}.json").read_text())
+
+
+@contextlib.contextmanager
+def nnunet_pools_in_process() -> Iterator[None]:
+    """nnU-Net's planning runs its worker pools as threads of this process. Its fingerprint extraction and
+    preprocessing otherwise each spawn a fresh Python that imports torch and nnU-Net again (about 2 s apiece on a
+    2-core CPU), and listing the raw files forks 12 workers from a process whose torch has started its threads;
+    for a few annotated slices that was most of the planning time. nnU-Net's own code still does all the work:
+    only the pools it asks ``multiprocessing`` for are swapped, and only inside this block."""
+    from multiprocessing.pool import ThreadPool
+    from types import SimpleNamespace
+    from unittest import mock
+    from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
+    from nnunetv2.preprocessing.preprocessors import default_preprocessor
+    from nnunetv2.utilities import utils
+
+    # These call multiprocessing.get_context("spawn").Pool(n) or Pool(processes=n) and then use only the Pool
+    # interface (starmap, starmap_async, ready, get, _pool[i].is_alive()), which ThreadPool provides.
+    in_process = SimpleNamespace(get_context=lambda method=None: SimpleNamespace(Pool=ThreadPool))
+    with mock.patch.object(fingerprint_extractor, "multiprocessing", in_process), \
+            mock.patch.object(default_preprocessor, "multiprocessing", in_process), \
+            mock.patch.object(utils, "Pool", ThreadPool):
+        yield
 
 
 def capped_target_spacing(planner, max_size: int) -> Optional[list]:
