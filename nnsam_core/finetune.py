@@ -144,7 +144,8 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
         total = iterations or PRESETS[preset]
         seed_everything(seed)
         trainer = _run_trainer(workspace, trainer_class, torch_device, total, progress,
-                               checkpoint if resuming else None, checkpoint_every)
+                               checkpoint if resuming else None, checkpoint_every,
+                               progress_plot="end" if keep_work_dir else "never")
 
         progress(make_event("save", message=f"writing bundle {output}"))
         manifest = _manifest(trainer, trainer_class, method, encoder, names, preset, total, seed, torch_device,
@@ -176,7 +177,8 @@ def _cap_batch_size(workspace: Workspace, plans: dict, batch_size: int) -> None:
 
 
 def _run_trainer(workspace: Workspace, trainer_class, device: torch.device, total_iterations: int,
-                 progress: ProgressCallback, resume_checkpoint: Optional[Path], checkpoint_every: Optional[int]):
+                 progress: ProgressCallback, resume_checkpoint: Optional[Path], checkpoint_every: Optional[int],
+                 progress_plot: str):
     plans = json.loads((workspace.preprocessed_dataset / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((workspace.preprocessed_dataset / "dataset.json").read_text())
     plans["continue_training"] = resume_checkpoint is not None  # nnU-Net's run_training sets this key
@@ -187,6 +189,7 @@ def _run_trainer(workspace: Workspace, trainer_class, device: torch.device, tota
         trainer = trainer_class(plans, CONFIGURATION, FOLD, dataset_json, device)
         trainer.set_schedule(total_iterations, checkpoint_every)
         trainer.progress_callback = progress
+        trainer.progress_plot = progress_plot
         if resume_checkpoint is not None:
             trainer.load_checkpoint(str(resume_checkpoint))
         trainer.run_training()

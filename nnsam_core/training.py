@@ -109,6 +109,9 @@ class nnUNetTrainerFewShot(nnUNetTrainer):
 
     default_iterations = 1000  # the quick preset
     iterations_per_epoch_cap = 25
+    # When nnU-Net's progress.png is drawn: "checkpoints" (with every checkpoint and after the last epoch),
+    # "end" (after the last epoch only) or "never" (nobody will look: the work folder is deleted afterwards).
+    progress_plot = "checkpoints"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -138,11 +141,20 @@ class nnUNetTrainerFewShot(nnUNetTrainer):
         # The fused network's bank lookups are Python; compile only when asked explicitly.
         return os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t") and super()._do_i_compile()
 
+    def _draws_progress_plot(self, epoch: int) -> bool:
+        last = epoch == self.num_epochs - 1
+        if self.progress_plot == "checkpoints":
+            return last or (epoch + 1) % self.save_every == 0
+        if self.progress_plot == "end":
+            return last
+        if self.progress_plot == "never":
+            return False
+        raise ValueError(f"progress_plot must be 'checkpoints', 'end' or 'never', not {self.progress_plot!r}")
+
     def on_epoch_end(self):
         # nnU-Net redraws progress.png (matplotlib, ~1.4 s) after every epoch: with epochs of 25 short steps that
-        # was 40% of a GPU fine-tune (docs/speed/gpu.md). Draw it when a checkpoint is written and at the end.
-        epoch = self.current_epoch
-        if (epoch + 1) % self.save_every == 0 or epoch == self.num_epochs - 1:
+        # was 40% of a GPU fine-tune (docs/speed/gpu.md). Draw it only as often as progress_plot says.
+        if self._draws_progress_plot(self.current_epoch):
             return super().on_epoch_end()
         self.logger.plot_progress_png = lambda *args, **kwargs: None  # shadows the method for this epoch only
         try:
