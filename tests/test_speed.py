@@ -186,6 +186,7 @@ def test_fine_tune_draws_the_progress_plot_only_for_a_kept_work_folder(chest_ct,
 
     drawn = []
     draw = MetaLogger.plot_progress_png
+
     def counted_draw(self, folder):
         drawn.append(folder)
         return draw(self, folder)
