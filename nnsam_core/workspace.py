@@ -8,6 +8,7 @@ user's own nnU-Net setup is left alone.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -157,14 +158,15 @@ def plan_and_preprocess(workspace: Workspace, max_size: Optional[int] = None) ->
     training cases are single slices. ``max_size`` caps the in-plane size (pixels, longer side of the median
     case) that nnU-Net works at: when the planned spacing would give larger slices, the in-plane target spacing is
     coarsened by the same factor on both axes (nnU-Net resamples to it and predicts back at the original
-    resolution, as its 3d_lowres configuration does).
+    resolution, as its 3d_lowres configuration does). The intensity statistics are drawn from at most
+    FOREGROUND_DRAWS_PER_CASE values per case.
     """
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
     with workspace.activated(), nnunet_output_to_stderr(), nnunet_pools_in_process():
-        extract_fingerprint_dataset(DATASET_ID, num_processes=1, check_dataset_integrity=False,
-                                    clean=True, verbose=False, show_progress_bar=False)
+        extract_fingerprint_dataset(DATASET_ID, few_case_fingerprint_extractor(), num_processes=1,
+                                    check_dataset_integrity=False, clean=True, verbose=False, show_progress_bar=False)
         planner = ExperimentPlanner(DATASET_ID, suppress_transpose=True)
         if max_size:
             planner.overwrite_target_spacing = capped_target_spacing(planner, max_size)
@@ -172,6 +174,29 @@ def plan_and_preprocess(workspace: Workspace, max_size: Optional[int] = None) ->
         preprocess_dataset(DATASET_ID, PLANS, configurations=(CONFIGURATION,), num_processes=[1],
                            verbose=False, show_progress_bar=False)
     return json.loads((workspace.preprocessed_dataset / f"{PLANS}.json").read_text())
+
+
+# nnU-Net estimates the foreground intensity statistics (CT normalisation) from 10^8 values drawn with replacement,
+# split evenly over the cases. Four one-slice cases then get 25 million draws each from at most 262,144 pixels:
+# 4 of the 5 s of planning on a 2-core CPU, for statistics that a million draws per case give just as well (4 CHD
+# slices: mean 0.008 % off, percentiles equal; 4 slices of a chest CT: 99.5th percentile 505 instead of 507 HU).
+FOREGROUND_DRAWS_PER_CASE = 1_000_000
+
+
+@functools.lru_cache(maxsize=None)
+def few_case_fingerprint_extractor():  # built lazily: importing nnunetv2 is slow
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+
+    class FewCaseFingerprintExtractor(DatasetFingerprintExtractor):
+        """nnU-Net's fingerprint with at most FOREGROUND_DRAWS_PER_CASE intensity draws per case (nnU-Net's own
+        budget is unchanged from 100 cases up)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.num_foreground_voxels_for_intensitystats = min(
+                self.num_foreground_voxels_for_intensitystats, FOREGROUND_DRAWS_PER_CASE * len(self.dataset))
+
+    return FewCaseFingerprintExtractor
 
 
 @contextlib.contextmanager
