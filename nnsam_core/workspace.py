@@ -202,7 +202,7 @@ def few_case_fingerprint_extractor():  # built lazily: importing nnunetv2 is slo
 @contextlib.contextmanager
 def nnunet_pools_in_process() -> Iterator[None]:
     """nnU-Net's planning runs its worker pools as threads of this process. Its fingerprint extraction and
-    preprocessing otherwise each spawn a fresh Python that imports torch and nnU-Net again (about 2 s apiece on a
+    preprocessing otherwise each spawn a fresh Python that imports torch and nnU-Net again (2 to 3 s apiece on a
     2-core CPU), and listing the raw files forks 12 workers from a process whose torch has started its threads;
     for a few annotated slices that was most of the planning time. nnU-Net's own code still does all the work:
     only the pools it asks ``multiprocessing`` for are swapped, and only inside this block."""
