@@ -584,6 +584,12 @@ def run_bench_speed(args) -> int:
         raise NNSAMError("--size must be at least 32")
     if args.slices < 1 or args.steps < 1 or args.warmup < 0:
         raise NNSAMError("--slices and --steps must be at least 1, --warmup at least 0")
+    if args.work_dir:
+        # A folder the user names for the scratch files is made on demand, like nnU-Net's output folders.
+        try:
+            Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise NNSAMError(f"cannot create --work-dir {args.work_dir} ({exc.strerror}); give a writable folder")
     n_slices = args.slices
     ram_counts = parse_ram_volume_slices(args.ram_volume_slices)
     data_dir = None if args.synthetic else find_chd_dataset(args.data)

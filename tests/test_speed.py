@@ -21,7 +21,7 @@ def test_bench_speed_tiny_end_to_end(tmp_path):
     out = tmp_path / "speed.json"
     cmd = [sys.executable, "-m", "nnsam_core.cli", "bench-speed", "--device", "cpu", "--size", "64",
            "--steps", "2", "--warmup", "0", "--slices", "2", "--iterations", "1", "--ram-volume-slices", "2",
-           "--compare-recomputed", "--json", str(out), "--work-dir", str(tmp_path)]
+           "--compare-recomputed", "--json", str(out), "--work-dir", str(tmp_path / "scratch" / "new")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -46,7 +46,20 @@ def test_bench_speed_tiny_end_to_end(tmp_path):
     assert tts["encoder_calls_per_segmented_slice"] == 1
     ram = result["peak_ram"]["runs"]
     assert len(ram) == 1 and ram[0]["slices"] == 2 and ram[0]["encoder_calls"] == 2 and ram[0]["peak_rss_gb"] > 0
-    assert not any(p.name.startswith("nnsam-bench-speed-") for p in tmp_path.iterdir())  # work folder removed
+    work_parent = tmp_path / "scratch" / "new"          # made on demand, and emptied again
+    assert work_parent.is_dir() and not any(p.name.startswith("nnsam-bench-speed-") for p in work_parent.iterdir())
+
+
+def test_bench_speed_refuses_a_work_dir_it_cannot_create(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cmd = [sys.executable, "-m", "nnsam_core.cli", "bench-speed", "--device", "cpu", "--size", "64", "--synthetic",
+           "--work-dir", str(blocker / "work")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr           # one line, no traceback
+    assert "--work-dir" in proc.stderr and "writable folder" in proc.stderr
+    assert blocker.read_text() == "not a folder"
 
 
 def test_one_encoder_call_per_segmented_slice(trained, chest_ct):
