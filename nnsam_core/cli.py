@@ -9,7 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 from .errors import NNSAMError
-from .methods import INJECT_STRIDES, METHOD_HELP, METHODS, SAM_INPUTS
+from .methods import INJECT_STRIDES, MAX_EMBEDDING_VARIANTS, METHOD_HELP, METHODS, SAM_INPUTS
 
 EPILOG = "Slices are indices along the image's third axis (axial for an axial CT; Slicer's K)."
 
@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "192 for the quick preset on a CPU, else the native resolution; 0 = always native)")
     train.add_argument("--inject-stride", type=int, default=8, choices=INJECT_STRIDES,
                        help="inject the SAM embedding at the skip with this downsampling (default 8, the authors')")
+    train.add_argument("--embedding-variants", type=int, default=0, metavar="K",
+                       help="embeddings of this many intensity-augmented copies of each training slice, made once before training "
+                        "with nnU-Net's intensity augmentations and drawn from beside the clean one (default 0: "
+                        "the clean embedding only; at most %d)" % MAX_EMBEDDING_VARIANTS)
     train.add_argument("--embedding-norm", choices=("standardise", "none"), default="standardise",
                        help="standardise SAM features per channel with training statistics (default) or not")
     train.add_argument("--sam-input", choices=SAM_INPUTS,
@@ -139,6 +143,10 @@ def _train(args) -> int:
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     if names is not None and (not all(names) or len(set(names)) != len(names)):
         raise NNSAMError(f"--class-names '{args.class_names}' must be distinct, non-empty names, e.g. LV,RV,Myo")
+    if not 0 <= args.embedding_variants <= MAX_EMBEDDING_VARIANTS:
+        raise NNSAMError(f"--embedding-variants must be 0 to {MAX_EMBEDDING_VARIANTS}, not {args.embedding_variants}")
+    if args.embedding_variants and args.method in ("nnunet", "nnsam-recomputed"):
+        raise NNSAMError(f"--embedding-variants applies to cached embeddings; method {args.method} has none")
     config = None
     if args.method != "nnunet":
         from .network import NNSAMConfig
@@ -146,7 +154,8 @@ def _train(args) -> int:
         base = config_of_trainer(trainer_for(args.method, args.encoder))
         config = NNSAMConfig(encoder=base.encoder, pretrained=base.pretrained, random_seed=base.random_seed,
                              inject_stride=args.inject_stride, embedding_norm=args.embedding_norm,
-                             sam_input=args.sam_input or base.sam_input)
+                             sam_input=args.sam_input or base.sam_input, embeddings=base.embeddings,
+                             embedding_variants=args.embedding_variants)
         config = None if config == base else config
     fine_tune(args.image, args.labels, output=args.output, nnsam_config=config, slices=slices, class_names=names,
               dataset_dir=args.dataset, encoder=args.encoder, method=args.method, preset=args.preset,

@@ -7,6 +7,8 @@ METHODS = ("nnsam", "nnunet", "nnsam-random", "nnsam-recomputed")
 # (in-plane downsampling of the U-Net skip).
 SAM_INPUTS = ("nnunet", "unit-range")
 INJECT_STRIDES = (2, 4, 8, 16, 32)
+# Embeddings of intensity-augmented copies per training slice (NNSAMConfig.embedding_variants) at most.
+MAX_EMBEDDING_VARIANTS = 64
 
 METHOD_HELP = ("nnsam; nnunet (no SAM branch, same pipeline); nnsam-random (random frozen encoder, the control for "
                "pretrained features); nnsam-recomputed (embeddings recomputed on every patch at every training "

@@ -15,6 +15,11 @@ move the image; the network samples the slice's embedding at those positions (``
 resolution of the injection skip. So augmentation stays honest without recomputing SAM, and at inference one
 encoder call per slice serves every tile and mirror. The trainer keeps nnU-Net's intensity augmentations off
 the grid channels.
+
+The cache samples the embedding of the *clean* slice, so nnU-Net's intensity augmentations never reach the SAM
+features (recomputing the embedding of every augmented patch, the authors' way, lets them). With
+``embedding_variants = K`` the bank also holds K embeddings of intensity-augmented copies of each training slice,
+made once before training with nnU-Net's own intensity transforms, and training draws one of the K + 1 per patch.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecod
 from torch import nn
 
 from .encoders import EMBEDDING_CHANNELS, FrozenEncoder, get_spec
+from .methods import MAX_EMBEDDING_VARIANTS
 
 GRID_CHANNELS = 3
 # Keys are stored in float32 image channels: exact for integers below 2**24.
@@ -54,10 +60,15 @@ class NNSAMConfig:
     # "recomputed": in training the encoder runs on every augmented patch at every step, as the authors' code
     # does (the accuracy reference for the cache; inference is one embedding per slice either way).
     embeddings: str = "cached"
+    # "cached" only: embeddings of this many intensity-augmented copies of each training slice, drawn from in
+    # training beside the clean one (0: the clean embedding only). Inference always uses the clean slice.
+    embedding_variants: int = 0
 
     def __post_init__(self):
         if self.embeddings not in EMBEDDING_MODES:
             raise ValueError(f"unknown embeddings mode {self.embeddings!r}; one of {EMBEDDING_MODES}")
+        if not 0 <= int(self.embedding_variants) <= MAX_EMBEDDING_VARIANTS:
+            raise ValueError(f"embedding_variants must be 0 to {MAX_EMBEDDING_VARIANTS}, not {self.embedding_variants}")
         if self.sam_input is None:
             object.__setattr__(self, "sam_input", get_spec(self.encoder).input_preparation)
 
@@ -109,6 +120,7 @@ class EmbeddingBank:
         self.batch_size = batch_size
         self.max_entries = max_entries
         self._store: "OrderedDict[int, torch.Tensor]" = OrderedDict()
+        self._variants: dict[int, torch.Tensor] = {}  # key -> (K, C, h, w) embeddings of augmented copies
         self.encoder_calls = 0  # slices passed through the encoder (for the speed benchmark)
 
     def __len__(self) -> int:
@@ -134,19 +146,38 @@ class EmbeddingBank:
             while len(self._store) > self.max_entries:
                 self._store.popitem(last=False)
 
+    def warm_variants(self, keys: Sequence[int], count: int,
+                      augment: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Embed ``count`` copies of each slice, each passed through ``augment`` ((1, H, W) -> (1, H, W)), once."""
+        for key in dict.fromkeys(int(k) for k in keys):
+            if count < 1 or key in self._variants:
+                continue
+            clean = torch.from_numpy(np.asarray(self.load_slices([key])[0], dtype=np.float32))[None]
+            copies = [augment(clean.clone()) for _ in range(count)]
+            embedded = [self.encode(torch.stack(copies[start:start + self.batch_size])).to("cpu", torch.float16)
+                        for start in range(0, count, self.batch_size)]
+            self._variants[key] = torch.cat(embedded)
+
+    def variant_count(self, key: int) -> int:
+        variants = self._variants.get(int(key))
+        return 0 if variants is None else variants.shape[0]
+
     def encode(self, slices: torch.Tensor) -> torch.Tensor:
         """Run the frozen encoder on (B, 1, H, W) slices now, counting the calls; nothing is stored."""
         self.encoder_calls += slices.shape[0]
         return self.encoder(slices)
 
-    def get(self, keys: Sequence[int], device: torch.device) -> torch.Tensor:
+    def get(self, keys: Sequence[int], device: torch.device, draw_variant: bool = False) -> torch.Tensor:
+        """Embeddings of ``keys`` (0: padding, zeros). ``draw_variant``: for slices with augmented variants,
+        one of the clean embedding and its variants, drawn uniformly per key."""
         keys = [int(k) for k in keys]
         self.warm([k for k in keys if k > 0])
         out = []
         for k in keys:
             if k > 0:
                 self._store.move_to_end(k)
-                out.append(self._store[k])
+                choice = int(torch.randint(0, self.variant_count(k) + 1, ()).item()) if draw_variant else 0
+                out.append(self._store[k] if choice == 0 else self._variants[k][choice - 1])
             else:
                 out.append(torch.zeros_like(next(iter(self._store.values()))) if self._store else
                            torch.zeros((EMBEDDING_CHANNELS, 64, 64), dtype=torch.float16))
@@ -155,6 +186,7 @@ class EmbeddingBank:
     def drop(self, keys: Sequence[int]) -> None:
         for k in keys:
             self._store.pop(int(k), None)
+            self._variants.pop(int(k), None)
 
     def channel_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and std over every held embedding (for ``embedding_norm='standardise'``)."""
@@ -261,7 +293,7 @@ class NNSAMNet(nn.Module):
             raise RuntimeError("no embedding bank attached to the nnSAM network")
         grid = grid.float()
         keys = torch.round(grid[:, 2].flatten(1).amax(dim=1)).long().tolist()
-        embeddings = self.sam_bank.get(keys, grid.device)
+        embeddings = self.sam_bank.get(keys, grid.device, draw_variant=self.training)
         inside, rc = self._slice_coverage(grid, size)
         normalised = torch.where(inside, 2.0 * (rc - 1.0) - 1.0, torch.full_like(rc, -2.0))
         sample_grid = normalised.flip(1).permute(0, 2, 3, 1)  # grid_sample wants (x=col, y=row)

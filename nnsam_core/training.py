@@ -29,12 +29,14 @@ from nnunetv2.training.dataloading.nnunet_dataset import (nnUNetDatasetBlosc2, n
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from .encoders import load_encoder
+from .errors import NNSAMError
 from .methods import METHODS
 from .network import (GRID_CHANNELS, EmbeddingBank, NNSAMConfig, build_nnsam_network, grid_channels,
                       slice_key, split_key)
 
 ProgressCallback = Callable[[dict], None]
 NNSAM_CONFIG_FILE = "nnsam_config.json"  # beside checkpoint_final.pth in an nnU-Net results fold folder
+MAX_VARIANT_EMBEDDINGS = 1024  # embedding variants held in memory at most (about 2 GB in float16)
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -101,6 +103,15 @@ def protect_grid_channels(transforms: ComposeTransforms) -> ComposeTransforms:
     mirror = next((i for i, t in enumerate(steps) if isinstance(t, MirrorTransform)), len(steps))
     steps.insert(mirror, RestoreGridChannels())
     return ComposeTransforms(steps)
+
+
+def intensity_steps(protected: ComposeTransforms) -> ComposeTransforms:
+    """The intensity augmentations of a pipeline made by :func:`protect_grid_channels`: the steps nnU-Net runs
+    between the stash and the restore of the grid channels, with nnU-Net's own parameters and probabilities."""
+    steps = list(protected.transforms)
+    start = next(i for i, t in enumerate(steps) if isinstance(t, StashGridChannels))
+    end = next(i for i, t in enumerate(steps) if isinstance(t, RestoreGridChannels))
+    return ComposeTransforms(steps[start + 1:end])
 
 
 # ------------------------------------------------------------------------------------------- trainers
@@ -217,6 +228,17 @@ class nnUNetTrainerNNSAM(nnUNetTrainerFewShot):
     def get_training_transforms(*args, **kwargs):
         return protect_grid_channels(nnUNetTrainer.get_training_transforms(*args, **kwargs))
 
+    def intensity_augmentation(self) -> ComposeTransforms:
+        """nnU-Net's intensity augmentations of this trainer's training pipeline, for the embedding variants."""
+        rotation, dummy_2d, _, mirror_axes = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        pipeline = self.get_training_transforms(
+            self.configuration_manager.patch_size, rotation, self._get_deep_supervision_scales(), mirror_axes,
+            dummy_2d, use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
+            foreground_labels=self.label_manager.foreground_labels,
+            regions=self.label_manager.foreground_regions if self.label_manager.has_regions else None,
+            ignore_label=self.label_manager.ignore_label)
+        return intensity_steps(pipeline)
+
     def _network_module(self):
         module = self.network.module if self.is_ddp else self.network
         return getattr(module, "_orig_mod", module)
@@ -247,6 +269,8 @@ class nnUNetTrainerNNSAM(nnUNetTrainerFewShot):
             self.progress_callback({"stage": "embed", "step": 0, "total": len(warm), "loss": None, "eta_s": None,
                                     "message": f"computing {config.encoder} embeddings of {len(warm)} training slices"})
         bank.warm(warm)
+        if config.embeddings == "cached" and config.embedding_variants > 0:
+            self._warm_embedding_variants(bank, warm, config.embedding_variants)
         network = self._network_module()
         if config.embedding_norm == "standardise":
             mean, std = bank.channel_statistics()
@@ -254,6 +278,17 @@ class nnUNetTrainerNNSAM(nnUNetTrainerFewShot):
         network.attach_bank(bank)
         self.embedding_bank = bank
         return bank
+
+    def _warm_embedding_variants(self, bank: EmbeddingBank, keys: list[int], count: int) -> None:
+        total = count * len(keys)
+        if total > MAX_VARIANT_EMBEDDINGS:
+            raise NNSAMError(f"{count} embedding variants x {len(keys)} training slices = {total} embeddings, more "
+                             f"than {MAX_VARIANT_EMBEDDINGS} (2 MB each): use fewer variants or 0")
+        if self.progress_callback is not None:
+            self.progress_callback({"stage": "embed", "step": 0, "total": total, "loss": None, "eta_s": None,
+                                    "message": f"computing {total} embeddings of intensity-augmented copies"})
+        augmentation = self.intensity_augmentation()
+        bank.warm_variants(keys, count, lambda image: augmentation(image=image)["image"])
 
     def on_train_start(self):
         super().on_train_start()
@@ -348,7 +383,6 @@ def trainer_for(method: str, encoder: str):
     try:
         return TRAINERS[(method, encoder)]
     except KeyError:
-        from .errors import NNSAMError
         if method in METHODS:
             raise NNSAMError(f"method '{method}' is not available with the {encoder} encoder") from None
         raise NNSAMError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import NNSAMError
-from ..methods import INJECT_STRIDES, METHOD_HELP, METHODS, SAM_INPUTS
+from ..methods import INJECT_STRIDES, MAX_EMBEDDING_VARIANTS, METHOD_HELP, METHODS, SAM_INPUTS
 
 DESCRIPTION = """\
 Compare nnSAM with nnU-Net (and, as a control, nnSAM with a random frozen encoder) when few slices are annotated.
@@ -66,6 +66,9 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--inject-stride", type=int, choices=INJECT_STRIDES,
                         help="nnsam methods inject the SAM embedding at the skip with this downsampling (default: "
                         "the trainer's, 8, the authors'); for studying the injection stage")
+    parser.add_argument("--embedding-variants", type=int, metavar="K",
+                        help="nnsam methods draw from K embeddings of intensity-augmented copies of each training "
+                        "slice beside the clean one (default: 0, the clean embedding only)")
     parser.add_argument("--preset", choices=("quick", "full"), default="quick",
                         help="training schedule of every run (quick: 1000 iterations; full: the paper's)")
     parser.add_argument("--iterations", type=int, metavar="N", help="override the preset's iteration count")
@@ -101,6 +104,8 @@ def run_benchmark_command(args) -> int:
         raise NNSAMError("--downsample must be a whole number >= 1")
     if any(n < 1 for n in args.sizes) or any(k < 1 for k in args.annotated):
         raise NNSAMError("--sizes and --annotated must be positive")
+    if args.embedding_variants is not None and not 0 <= args.embedding_variants <= MAX_EMBEDDING_VARIANTS:
+        raise NNSAMError(f"--embedding-variants must be 0 to {MAX_EMBEDDING_VARIANTS}, not {args.embedding_variants}")
     dataset = Path(args.dataset)
     if not dataset.is_dir():
         raise NNSAMError(f"dataset folder {dataset} does not exist; give an nnU-Net raw dataset folder")
@@ -109,7 +114,8 @@ def run_benchmark_command(args) -> int:
                         iterations=args.iterations, downsample=args.downsample,
                         split=args.split if not args.in_volume else None,
                         test_fraction=args.test_fraction if not args.in_volume else None, device=args.device,
-                        sam_input=args.sam_input, inject_stride=args.inject_stride)
+                        sam_input=args.sam_input, inject_stride=args.inject_stride,
+                        embedding_variants=args.embedding_variants)
     plan = Plan(settings=settings, methods=list(dict.fromkeys(args.methods)),
                 sizes=sorted(set(args.sizes)) if not args.in_volume else [],
                 annotated=sorted(set(args.annotated)) if args.in_volume else [],

@@ -459,8 +459,11 @@ def _sam_branch(runs: Sequence[dict]) -> str:
     configs = [r.get("nnsam_config") or {} for r in runs if r["method"] != "nnunet"]
     inputs = sorted({c.get("sam_input", "nnunet") for c in configs})
     strides = sorted({int(c.get("inject_stride", 8)) for c in configs})
+    variants = sorted({int(c.get("embedding_variants", 0)) for c in configs if c.get("embeddings") != "recomputed"})
     return (f"SAM input {', '.join(f'`{u}`' for u in inputs) or '-'}, injected at the "
-            f"{', '.join(f'1/{s}' for s in strides) or '-'} skip")
+            f"{', '.join(f'1/{s}' for s in strides) or '-'} skip"
+            + (f", {' or '.join(str(v) for v in variants)} intensity-augmented embedding variants per training slice"
+               if any(variants) else ""))
 
 
 def _setup_section(state: dict, runs: Sequence[dict], protocol: str) -> list[str]:

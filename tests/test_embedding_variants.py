@@ -1,0 +1,109 @@
+"""Embedding variants: the cache's embeddings of intensity-augmented copies of each training slice, made once with
+nnU-Net's own intensity augmentations and drawn from in training only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnsam_core.network import EmbeddingBank, NNSAMConfig
+
+
+def _mean_encoder(slices: torch.Tensor) -> torch.Tensor:
+    """An embedding that follows its input, so a variant is told apart from the clean slice."""
+    return slices.mean(dim=(1, 2, 3), keepdim=True).expand(-1, 256, 64, 64).clone()
+
+
+def _bank() -> EmbeddingBank:
+    slices = {1: np.full((32, 32), 1.0, np.float32), 2: np.full((32, 32), 2.0, np.float32)}
+    return EmbeddingBank(_mean_encoder, lambda keys: [slices[k] for k in keys], batch_size=2)
+
+
+def test_variants_are_encoded_once_and_drawn_only_when_asked():
+    bank = _bank()
+    bank.warm([1, 2])
+    assert bank.encoder_calls == 2
+    shifts = iter(range(10, 100, 10))
+    bank.warm_variants([1, 2, 1], 3, lambda image: image + next(shifts))   # a repeated key is embedded once
+    assert bank.encoder_calls == 2 + 2 * 3 and bank.variant_count(1) == 3 and bank.variant_count(2) == 3
+    bank.warm_variants([1, 2], 3, lambda image: image)
+    assert bank.encoder_calls == 8                                        # already held: no encoder call
+
+    clean = {float(bank.get([k], torch.device("cpu"))[0, 0, 0, 0]) for k in (1, 2) for _ in range(20)}
+    assert clean == {1.0, 2.0}                                            # not asked: always the clean slice
+    torch.manual_seed(0)
+    drawn = {float(bank.get([1], torch.device("cpu"), draw_variant=True)[0, 0, 0, 0]) for _ in range(200)}
+    assert drawn == {1.0, 11.0, 21.0, 31.0}                               # the clean one and its three variants
+
+    bank.drop([1])
+    assert bank.variant_count(1) == 0 and bank.variant_count(2) == 3
+
+
+def test_variant_count_is_validated_and_old_configs_have_none():
+    with pytest.raises(ValueError, match="embedding_variants"):
+        NNSAMConfig(embedding_variants=-1)
+    with pytest.raises(ValueError, match="embedding_variants"):
+        NNSAMConfig(embedding_variants=65)
+    old = NNSAMConfig().as_dict()
+    old.pop("embedding_variants")
+    assert NNSAMConfig.from_dict(old).embedding_variants == 0
+
+
+def test_variant_augmentations_are_nnunets_intensity_steps():
+    from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+
+    from nnsam_core.training import intensity_steps, nnUNetTrainerNNSAM
+
+    pipeline = nnUNetTrainerNNSAM.get_training_transforms(
+        (64, 64), (0.0, 0.0), None, (0, 1), False, use_mask_for_norm=[False], is_cascaded=False,
+        foreground_labels=[1], regions=None, ignore_label=None)
+    steps = intensity_steps(pipeline).transforms
+    names = [type(getattr(step, "transform", step)).__name__ for step in steps]
+    assert names == ["GaussianNoiseTransform", "GaussianBlurTransform", "MultiplicativeBrightnessTransform",
+                     "ContrastTransform", "SimulateLowResolutionTransform", "GammaTransform", "GammaTransform"]
+    assert not any(isinstance(getattr(s, "transform", s), (SpatialTransform, MirrorTransform)) for s in steps)
+
+    augment = intensity_steps(pipeline)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    image = torch.linspace(-1, 1, 64 * 64).reshape(1, 64, 64)
+    outputs = [augment(image=image.clone())["image"] for _ in range(20)]
+    assert all(o.shape == image.shape for o in outputs)
+    assert any(not torch.allclose(o, image) for o in outputs)   # most draws change the intensities
+
+
+def test_fine_tune_with_variants_embeds_each_slice_k_times_and_draws_them_in_training(chest_ct, tmp_path,
+                                                                                       monkeypatch):
+    from conftest import CHEST_SLICES
+    from nnsam_core import fine_tune
+    from nnsam_core.predict import Segmenter
+
+    made, asked = [], []
+    warm_variants, get = EmbeddingBank.warm_variants, EmbeddingBank.get
+
+    def recording_warm_variants(self, keys, count, augment):
+        before = self.encoder_calls
+        warm_variants(self, keys, count, augment)
+        made.append((len(keys), count, self.encoder_calls - before))
+
+    def recording_get(self, keys, device, draw_variant=False):
+        asked.append(draw_variant)
+        return get(self, keys, device, draw_variant)
+
+    monkeypatch.setattr(EmbeddingBank, "warm_variants", recording_warm_variants)
+    monkeypatch.setattr(EmbeddingBank, "get", recording_get)
+    bundle = fine_tune(*chest_ct, output=tmp_path / "model.nnsam", slices=CHEST_SLICES, iterations=2, device="cpu",
+                       nnsam_config=NNSAMConfig(embedding_variants=2))
+    n_train = made[0][0]
+    assert made == [(n_train, 2, 2 * n_train)] and 1 <= n_train <= len(CHEST_SLICES)
+    assert True in asked                                             # training draws among the variants
+    assert bundle.manifest["nnsam_config"]["embedding_variants"] == 2
+
+    asked.clear()
+    volume = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 300, size=(2, 48, 48)).astype(np.float32))
+    labels = Segmenter(bundle, "cpu").segment(volume)
+    assert labels.GetSize() == volume.GetSize()
+    assert asked and not any(asked)                                  # inference: the clean slice only
