@@ -107,3 +107,54 @@ def test_fine_tune_with_variants_embeds_each_slice_k_times_and_draws_them_in_tra
     labels = Segmenter(bundle, "cpu").segment(volume)
     assert labels.GetSize() == volume.GetSize()
     assert asked and not any(asked)                                  # inference: the clean slice only
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], None),                                                        # the trainer's own configuration
+    (["--embedding-variants", "3"], {"embedding_variants": 3, "embeddings": "cached"}),
+    (["--method", "nnsam-recomputed"], {"embedding_variants": 0, "embeddings": "recomputed"}),
+])
+def test_train_command_passes_the_sam_branch_it_was_given(chest_ct, tmp_path, monkeypatch, argv, expected):
+    import nnsam_core.finetune as finetune
+    from nnsam_core.cli import main
+
+    received = {}
+    monkeypatch.setattr(finetune, "fine_tune", lambda *args, **kwargs: received.update(kwargs))
+    assert main(["train", *chest_ct, "-o", str(tmp_path / "m"), "--progress", "none", *argv]) == 0
+    from nnsam_core.training import config_of_trainer, trainer_for
+    config = received["nnsam_config"]
+    if expected is None:
+        assert config is None
+    else:  # what trains: the config given, else the method's trainer as it is
+        effective = config or config_of_trainer(trainer_for(received["method"], received["encoder"]))
+        assert {name: getattr(effective, name) for name in expected} == expected
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--embedding-variants", "65"], "--embedding-variants must be 0 to 64"),
+    (["--embedding-variants", "2", "--method", "nnunet"], "applies to cached embeddings"),
+    (["--embedding-variants", "2", "--method", "nnsam-recomputed"], "applies to cached embeddings"),
+])
+def test_train_command_refuses_variants_it_cannot_use(chest_ct, tmp_path, capsys, argv, message):
+    from nnsam_core.cli import main
+
+    assert main(["train", *chest_ct, "-o", str(tmp_path / "m"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0
+    assert not (tmp_path / "m").exists()
+
+
+def test_variants_are_a_setting_of_the_nnsam_methods_in_benchmarks():
+    from nnsam_core.benchmark.report import _sam_branch
+    from nnsam_core.benchmark.runner import Settings
+
+    settings = Settings(protocol="slices", dataset="d")
+    assert "embedding_variants" not in settings.comparable()   # folders written before the setting still match
+    settings.embedding_variants = 8
+    assert settings.comparable()["embedding_variants"] == 8
+    assert settings.nnsam_config("nnsam").embedding_variants == 8
+    assert settings.nnsam_config("nnunet") is None
+    runs = [{"method": "nnsam", "nnsam_config": settings.nnsam_config("nnsam").as_dict()},
+            {"method": "nnsam-recomputed", "nnsam_config": settings.nnsam_config("nnsam-recomputed").as_dict()}]
+    assert "8 intensity-augmented embedding variants per training slice" in _sam_branch(runs)
+    assert "variants" not in _sam_branch([{"method": "nnsam", "nnsam_config": NNSAMConfig().as_dict()}])
