@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--inject-stride", type=int, default=8, choices=INJECT_STRIDES,
                        help="inject the SAM embedding at the skip with this downsampling (default 8, the authors')")
     train.add_argument("--embedding-variants", type=int, default=0, metavar="K",
-                       help="embeddings of this many intensity-augmented copies of each training slice, made once before training "
-                        "with nnU-Net's intensity augmentations and drawn from beside the clean one (default 0: "
-                        "the clean embedding only; at most %d)" % MAX_EMBEDDING_VARIANTS)
+                       help="also embed K copies of each training slice passed through nnU-Net's intensity "
+                       "augmentations, once before training; training draws among them and the clean one "
+                       "(default 0: the clean embedding only; at most %d)" % MAX_EMBEDDING_VARIANTS)
     train.add_argument("--embedding-norm", choices=("standardise", "none"), default="standardise",
                        help="standardise SAM features per channel with training statistics (default) or not")
     train.add_argument("--sam-input", choices=SAM_INPUTS,
