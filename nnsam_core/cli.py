@@ -9,7 +9,8 @@ import sys
 from typing import Optional, Sequence
 
 from .errors import NNSAMError
-from .methods import INJECT_STRIDES, MAX_EMBEDDING_VARIANTS, METHOD_HELP, METHODS, SAM_INPUTS
+from .methods import (INJECT_STRIDES, MAX_EMBEDDING_VARIANTS, METHOD_HELP, METHODS, SAM_INPUTS,
+                      check_embedding_variants)
 
 EPILOG = "Slices are indices along the image's third axis (axial for an axial CT; Slicer's K)."
 
@@ -143,8 +144,7 @@ def _train(args) -> int:
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     if names is not None and (not all(names) or len(set(names)) != len(names)):
         raise NNSAMError(f"--class-names '{args.class_names}' must be distinct, non-empty names, e.g. LV,RV,Myo")
-    if not 0 <= args.embedding_variants <= MAX_EMBEDDING_VARIANTS:
-        raise NNSAMError(f"--embedding-variants must be 0 to {MAX_EMBEDDING_VARIANTS}, not {args.embedding_variants}")
+    check_embedding_variants(args.embedding_variants)
     if args.embedding_variants and args.method in ("nnunet", "nnsam-recomputed"):
         raise NNSAMError(f"--embedding-variants applies to cached embeddings; method {args.method} has none")
     config = None

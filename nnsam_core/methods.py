@@ -10,6 +10,13 @@ INJECT_STRIDES = (2, 4, 8, 16, 32)
 # Embeddings of intensity-augmented copies per training slice (NNSAMConfig.embedding_variants) at most.
 MAX_EMBEDDING_VARIANTS = 64
 
+
+def check_embedding_variants(count: int) -> None:
+    """The one-line error for an --embedding-variants the engine cannot honour."""
+    if not 0 <= count <= MAX_EMBEDDING_VARIANTS:
+        from .errors import NNSAMError
+        raise NNSAMError(f"--embedding-variants must be 0 to {MAX_EMBEDDING_VARIANTS}, not {count}")
+
 METHOD_HELP = ("nnsam; nnunet (no SAM branch, same pipeline); nnsam-random (random frozen encoder, the control for "
                "pretrained features); nnsam-recomputed (embeddings recomputed on every patch at every training "
                "step, as the authors' code does: the embedding cache's accuracy reference; slow)")

@@ -464,8 +464,11 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
     ds = _write_dataset(tmp_path / "Dataset994_Syn")
     assert main(["benchmark", str(ds), "-o", str(tmp_path / "r"), "--sizes", "50", "--dry-run"]) == 2
     assert main(["benchmark", str(ds), "-o", str(tmp_path / "r"), "--sizes", "2", "--classes", "LV", "--dry-run"]) == 2
+    assert main(["benchmark", str(ds), "-o", str(tmp_path / "r"), "--embedding-variants", "-1", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "--sizes" in err and "LV" in err
+    assert "--embedding-variants must be 0 to 64, not -1" in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_processes_sharing_a_report_folder_record_every_invocation(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import NNSAMError
-from ..methods import INJECT_STRIDES, MAX_EMBEDDING_VARIANTS, METHOD_HELP, METHODS, SAM_INPUTS
+from ..methods import INJECT_STRIDES, METHOD_HELP, METHODS, SAM_INPUTS, check_embedding_variants
 
 DESCRIPTION = """\
 Compare nnSAM with nnU-Net (and, as a control, nnSAM with a random frozen encoder) when few slices are annotated.
@@ -104,8 +104,8 @@ def run_benchmark_command(args) -> int:
         raise NNSAMError("--downsample must be a whole number >= 1")
     if any(n < 1 for n in args.sizes) or any(k < 1 for k in args.annotated):
         raise NNSAMError("--sizes and --annotated must be positive")
-    if args.embedding_variants is not None and not 0 <= args.embedding_variants <= MAX_EMBEDDING_VARIANTS:
-        raise NNSAMError(f"--embedding-variants must be 0 to {MAX_EMBEDDING_VARIANTS}, not {args.embedding_variants}")
+    if args.embedding_variants is not None:
+        check_embedding_variants(args.embedding_variants)
     dataset = Path(args.dataset)
     if not dataset.is_dir():
         raise NNSAMError(f"dataset folder {dataset} does not exist; give an nnU-Net raw dataset folder")
