@@ -158,3 +158,16 @@ def test_variants_are_a_setting_of_the_nnsam_methods_in_benchmarks():
             {"method": "nnsam-recomputed", "nnsam_config": settings.nnsam_config("nnsam-recomputed").as_dict()}]
     assert "8 intensity-augmented embedding variants per training slice" in _sam_branch(runs)
     assert "variants" not in _sam_branch([{"method": "nnsam", "nnsam_config": NNSAMConfig().as_dict()}])
+
+
+def test_too_many_variant_embeddings_are_refused_before_any_is_made():
+    from types import SimpleNamespace
+
+    from nnsam_core.errors import NNSAMError
+    from nnsam_core.training import MAX_VARIANT_EMBEDDINGS, nnUNetTrainerNNSAM
+
+    bank = _bank()
+    keys = list(range(1, MAX_VARIANT_EMBEDDINGS // 8 + 2))            # 8 variants each: just over the limit
+    with pytest.raises(NNSAMError, match="use fewer variants or 0"):
+        nnUNetTrainerNNSAM._warm_embedding_variants(SimpleNamespace(progress_callback=None), bank, keys, 8)
+    assert bank.encoder_calls == 0 and bank.variant_count(1) == 0
