@@ -20,6 +20,12 @@ The cache samples the embedding of the *clean* slice, so nnU-Net's intensity aug
 features (recomputing the embedding of every augmented patch, the authors' way, lets them). With
 ``embedding_variants = K`` the bank also holds K embeddings of intensity-augmented copies of each training slice,
 made once before training with nnU-Net's own intensity transforms, and training draws one of the K + 1 per patch.
+
+SAM is not mirror-equivariant: the embedding of a mirrored slice differs from the mirrored embedding (by 74-96 %
+relative L2 on a CHD slice at 512 px), and nnU-Net mirrors three patches in four. With ``mirror_embeddings`` the
+bank also holds the embeddings of each training slice's three mirror images, and in training a patch whose grid
+runs backwards along an axis samples the embedding of the slice mirrored along that axis, as recomputing would.
+Inference keeps one encoder call per slice (test-time mirroring samples the mirrored embedding).
 """
 
 from __future__ import annotations
@@ -63,6 +69,9 @@ class NNSAMConfig:
     # "cached" only: embeddings of this many intensity-augmented copies of each training slice, drawn from in
     # training beside the clean one (0: the clean embedding only). Inference always uses the clean slice.
     embedding_variants: int = 0
+    # "cached" only: mirrored training patches sample the embedding of the mirrored slice (3 encoder calls more per
+    # training slice, once); False: the mirrored embedding of the slice.
+    mirror_embeddings: bool = False
 
     def __post_init__(self):
         if self.embeddings not in EMBEDDING_MODES:
@@ -121,6 +130,7 @@ class EmbeddingBank:
         self.max_entries = max_entries
         self._store: "OrderedDict[int, torch.Tensor]" = OrderedDict()
         self._variants: dict[int, torch.Tensor] = {}  # key -> (K, C, h, w) embeddings of augmented copies
+        self._mirrored: dict[int, torch.Tensor] = {}  # key -> (3, C, h, w): rows, columns, both axes mirrored
         self.encoder_calls = 0  # slices passed through the encoder (for the speed benchmark)
 
     def __len__(self) -> int:
@@ -158,6 +168,15 @@ class EmbeddingBank:
                         for start in range(0, count, self.batch_size)]
             self._variants[key] = torch.cat(embedded)
 
+    def warm_mirrored(self, keys: Sequence[int]) -> None:
+        """Embed each slice mirrored along rows, along columns and along both, once."""
+        for key in dict.fromkeys(int(k) for k in keys):
+            if key in self._mirrored:
+                continue
+            clean = torch.from_numpy(np.asarray(self.load_slices([key])[0], dtype=np.float32))
+            mirrors = torch.stack([clean.flip(0), clean.flip(1), clean.flip(0, 1)])[:, None]
+            self._mirrored[key] = self.encode(mirrors).to("cpu", torch.float16)
+
     def variant_count(self, key: int) -> int:
         variants = self._variants.get(int(key))
         return 0 if variants is None else variants.shape[0]
@@ -167,14 +186,19 @@ class EmbeddingBank:
         self.encoder_calls += slices.shape[0]
         return self.encoder(slices)
 
-    def get(self, keys: Sequence[int], device: torch.device, draw_variant: bool = False) -> torch.Tensor:
+    def get(self, keys: Sequence[int], device: torch.device, draw_variant: bool = False,
+            mirrors: Optional[Sequence[tuple[bool, bool]]] = None) -> torch.Tensor:
         """Embeddings of ``keys`` (0: padding, zeros). ``draw_variant``: for slices with augmented variants,
-        one of the clean embedding and its variants, drawn uniformly per key."""
+        one of the clean embedding and its variants, drawn uniformly per key. ``mirrors``: per key, (rows, columns)
+        mirrored: the embedding of the slice mirrored so (where held) instead."""
         keys = [int(k) for k in keys]
         self.warm([k for k in keys if k > 0])
         out = []
-        for k in keys:
-            if k > 0:
+        for i, k in enumerate(keys):
+            mirror = (2 * mirrors[i][1] + mirrors[i][0]) if mirrors is not None else 0  # 1 rows, 2 columns, 3 both
+            if k > 0 and mirror and k in self._mirrored:
+                out.append(self._mirrored[k][mirror - 1])
+            elif k > 0:
                 self._store.move_to_end(k)
                 choice = int(torch.randint(0, self.variant_count(k) + 1, ()).item()) if draw_variant else 0
                 out.append(self._store[k] if choice == 0 else self._variants[k][choice - 1])
@@ -187,6 +211,7 @@ class EmbeddingBank:
         for k in keys:
             self._store.pop(int(k), None)
             self._variants.pop(int(k), None)
+            self._mirrored.pop(int(k), None)
 
     def channel_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and std over every held embedding (for ``embedding_norm='standardise'``)."""
@@ -282,6 +307,16 @@ class NNSAMNet(nn.Module):
         pooled_rc = F.interpolate(grid[:, :2] * weight, size=tuple(size), mode="area")
         return pooled_w > 1e-3, pooled_rc / pooled_w.clamp_min(1e-3)
 
+    @staticmethod
+    def _patch_mirrors(inside: torch.Tensor, rc: torch.Tensor) -> list[tuple[bool, bool]]:
+        """Per patch, whether its slice rows run backwards down the patch and its slice columns backwards
+        across it (mirrored; a patch turned by 180 degrees is mirrored along both, the same image)."""
+        both_rows = inside[:, 0, 1:, :] & inside[:, 0, :-1, :]
+        both_cols = inside[:, 0, :, 1:] & inside[:, 0, :, :-1]
+        rows_down = ((rc[:, 0, 1:, :] - rc[:, 0, :-1, :]) * both_rows).sum(dim=(1, 2))
+        cols_across = ((rc[:, 1, :, 1:] - rc[:, 1, :, :-1]) * both_cols).sum(dim=(1, 2))
+        return [(bool(r < 0), bool(c < 0)) for r, c in zip(rows_down.tolist(), cols_across.tolist())]
+
     def _standardise(self, features: torch.Tensor) -> torch.Tensor:
         if self.config_dict.get("embedding_norm", "none") == "standardise":
             return (features - self.embedding_mean[None, :, None, None]) / self.embedding_std[None, :, None, None]
@@ -293,9 +328,14 @@ class NNSAMNet(nn.Module):
             raise RuntimeError("no embedding bank attached to the nnSAM network")
         grid = grid.float()
         keys = torch.round(grid[:, 2].flatten(1).amax(dim=1)).long().tolist()
-        embeddings = self.sam_bank.get(keys, grid.device, draw_variant=self.training)
         inside, rc = self._slice_coverage(grid, size)
+        mirrors = (self._patch_mirrors(inside, rc)
+                   if self.training and self.config_dict.get("mirror_embeddings", False) else None)
+        embeddings = self.sam_bank.get(keys, grid.device, draw_variant=self.training, mirrors=mirrors)
         normalised = torch.where(inside, 2.0 * (rc - 1.0) - 1.0, torch.full_like(rc, -2.0))
+        if mirrors is not None:  # the mirrored slice's embedding is indexed by mirrored positions
+            signs = torch.tensor([[-1.0 if m else 1.0 for m in pair] for pair in mirrors], device=rc.device)
+            normalised = normalised * signs[:, :, None, None]
         sample_grid = normalised.flip(1).permute(0, 2, 3, 1)  # grid_sample wants (x=col, y=row)
         sampled = F.grid_sample(embeddings, sample_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         return self._standardise(sampled) * inside

@@ -271,6 +271,8 @@ class nnUNetTrainerNNSAM(nnUNetTrainerFewShot):
         bank.warm(warm)
         if config.embeddings == "cached" and config.embedding_variants > 0:
             self._warm_embedding_variants(bank, warm, config.embedding_variants)
+        if config.embeddings == "cached" and config.mirror_embeddings:
+            bank.warm_mirrored(warm)
         network = self._network_module()
         if config.embedding_norm == "standardise":
             mean, std = bank.channel_statistics()

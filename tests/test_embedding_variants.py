@@ -1,5 +1,6 @@
-"""Embedding variants: the cache's embeddings of intensity-augmented copies of each training slice, made once with
-nnU-Net's own intensity augmentations and drawn from in training only."""
+"""Embedding variants (the cache's embeddings of intensity-augmented copies of each training slice, made once with
+nnU-Net's own intensity augmentations) and mirror embeddings (mirrored patches sample the mirrored slice's
+embedding): both made before training, used in training only."""
 
 from __future__ import annotations
 
@@ -81,38 +82,49 @@ def test_fine_tune_with_variants_embeds_each_slice_k_times_and_draws_them_in_tra
     from nnsam_core import fine_tune
     from nnsam_core.predict import Segmenter
 
-    made, asked = [], []
-    warm_variants, get = EmbeddingBank.warm_variants, EmbeddingBank.get
+    made, asked, mirrored = [], [], []
+    warm_variants, warm_mirrored, get = EmbeddingBank.warm_variants, EmbeddingBank.warm_mirrored, EmbeddingBank.get
 
     def recording_warm_variants(self, keys, count, augment):
         before = self.encoder_calls
         warm_variants(self, keys, count, augment)
         made.append((len(keys), count, self.encoder_calls - before))
 
-    def recording_get(self, keys, device, draw_variant=False):
-        asked.append(draw_variant)
-        return get(self, keys, device, draw_variant)
+    def recording_warm_mirrored(self, keys):
+        before = self.encoder_calls
+        warm_mirrored(self, keys)
+        mirrored.append((len(keys), self.encoder_calls - before))
+
+    def recording_get(self, keys, device, draw_variant=False, mirrors=None):
+        asked.append((draw_variant, mirrors))
+        return get(self, keys, device, draw_variant, mirrors)
 
     monkeypatch.setattr(EmbeddingBank, "warm_variants", recording_warm_variants)
+    monkeypatch.setattr(EmbeddingBank, "warm_mirrored", recording_warm_mirrored)
     monkeypatch.setattr(EmbeddingBank, "get", recording_get)
     bundle = fine_tune(*chest_ct, output=tmp_path / "model.nnsam", slices=CHEST_SLICES, iterations=2, device="cpu",
-                       nnsam_config=NNSAMConfig(embedding_variants=2))
+                       nnsam_config=NNSAMConfig(embedding_variants=2, mirror_embeddings=True))
     n_train = made[0][0]
     assert made == [(n_train, 2, 2 * n_train)] and 1 <= n_train <= len(CHEST_SLICES)
-    assert True in asked                                             # training draws among the variants
+    assert mirrored == [(n_train, 3 * n_train)]                      # each slice's three mirror images, once
+    training = [(draw, mirrors) for draw, mirrors in asked if draw]
+    assert training                                                  # training draws among the variants
+    assert any(any(any(pair) for pair in mirrors) for _, mirrors in training)  # and meets mirrored patches
     assert bundle.manifest["nnsam_config"]["embedding_variants"] == 2
+    assert bundle.manifest["nnsam_config"]["mirror_embeddings"] is True
 
     asked.clear()
     volume = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 300, size=(2, 48, 48)).astype(np.float32))
     labels = Segmenter(bundle, "cpu").segment(volume)
     assert labels.GetSize() == volume.GetSize()
-    assert asked and not any(asked)                                  # inference: the clean slice only
+    assert asked and not any(draw or mirrors for draw, mirrors in asked)  # inference: the clean slice only
 
 
 @pytest.mark.parametrize("argv, expected", [
     ([], None),                                                        # the trainer's own configuration
     (["--embedding-variants", "3"], {"embedding_variants": 3, "embeddings": "cached"}),
     (["--method", "nnsam-recomputed"], {"embedding_variants": 0, "embeddings": "recomputed"}),
+    (["--mirror-embeddings"], {"mirror_embeddings": True, "embeddings": "cached"}),
 ])
 def test_train_command_passes_the_sam_branch_it_was_given(chest_ct, tmp_path, monkeypatch, argv, expected):
     import nnsam_core.finetune as finetune
@@ -134,6 +146,7 @@ def test_train_command_passes_the_sam_branch_it_was_given(chest_ct, tmp_path, mo
     (["--embedding-variants", "65"], "--embedding-variants must be 0 to 64"),
     (["--embedding-variants", "2", "--method", "nnunet"], "applies to cached embeddings"),
     (["--embedding-variants", "2", "--method", "nnsam-recomputed"], "applies to cached embeddings"),
+    (["--mirror-embeddings", "--method", "nnunet"], "--mirror-embeddings applies to cached embeddings"),
 ])
 def test_train_command_refuses_variants_it_cannot_use(chest_ct, tmp_path, capsys, argv, message):
     from nnsam_core.cli import main
@@ -158,6 +171,12 @@ def test_variants_are_a_setting_of_the_nnsam_methods_in_benchmarks():
             {"method": "nnsam-recomputed", "nnsam_config": settings.nnsam_config("nnsam-recomputed").as_dict()}]
     assert "8 intensity-augmented embedding variants per training slice" in _sam_branch(runs)
     assert "variants" not in _sam_branch([{"method": "nnsam", "nnsam_config": NNSAMConfig().as_dict()}])
+    assert "mirror_embeddings" not in settings.comparable()
+    settings.mirror_embeddings = True
+    assert settings.comparable()["mirror_embeddings"] is True
+    assert settings.nnsam_config("nnsam").mirror_embeddings is True
+    runs = [{"method": "nnsam", "nnsam_config": settings.nnsam_config("nnsam").as_dict()}]
+    assert "mirrored patches sample the mirrored slice's embedding" in _sam_branch(runs)
 
 
 def test_too_many_variant_embeddings_are_refused_before_any_is_made():
@@ -171,3 +190,45 @@ def test_too_many_variant_embeddings_are_refused_before_any_is_made():
     with pytest.raises(NNSAMError, match="use fewer variants or 0"):
         nnUNetTrainerNNSAM._warm_embedding_variants(SimpleNamespace(progress_callback=None), bank, keys, 8)
     assert bank.encoder_calls == 0 and bank.variant_count(1) == 0
+
+
+class _PositionalEncoder:
+    """Not mirror-equivariant, like SAM: the pooled slice plus a fixed ramp across the columns."""
+
+    def __call__(self, slices: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.adaptive_avg_pool2d(slices, (64, 64))
+        ramp = torch.linspace(0, 5, 64).expand(64, 64)
+        return (pooled + ramp).expand(-1, 256, -1, -1).clone()
+
+
+@pytest.mark.parametrize("mirror_embeddings", [True, False])
+def test_mirrored_patches_sample_the_mirrored_slice_embedding(trained, mirror_embeddings):
+    from nnsam_core.network import build_nnsam_network, grid_channels
+    from nnsam_core.predict import Segmenter
+
+    bundle, _ = trained
+    base = Segmenter(bundle, "cpu")
+    net = build_nnsam_network(base.plans_manager, base.configuration_manager, 1, 8, False,
+                              NNSAMConfig(embedding_norm="none", mirror_embeddings=mirror_embeddings))
+    h, w = base.configuration_manager.patch_size
+    slice_ = torch.from_numpy(np.random.default_rng(0).normal(size=(h, w)).astype(np.float32))
+    encoder = _PositionalEncoder()
+    bank = EmbeddingBank(encoder, lambda keys: [slice_.numpy() for _ in keys])
+    bank.warm([1])
+    if mirror_embeddings:
+        bank.warm_mirrored([1])
+        assert bank.encoder_calls == 1 + 3
+    net.attach_bank(bank)
+    net.train()
+    grid = torch.from_numpy(grid_channels((1, h, w), [1])[:, 0])
+    size = (h // 8, w // 8)
+    upright = net.sam_features(grid[None], size)
+    mirrored = net.sam_features(grid.flip(-1)[None], size)            # the patch mirrored across its columns
+    resize = lambda e: torch.nn.functional.interpolate(e, size=size, mode="bilinear", align_corners=False)
+    assert torch.allclose(upright, resize(encoder(slice_[None, None])), atol=2e-2)  # the bank keeps float16
+    if mirror_embeddings:   # what recomputing gives: the embedding of the mirrored slice
+        assert torch.allclose(mirrored, resize(encoder(slice_.flip(-1)[None, None])), atol=2e-2)
+    else:                   # the mirrored embedding of the slice
+        assert torch.allclose(mirrored, upright.flip(-1), atol=2e-2)
+    net.eval()                                                          # inference: never the mirrored slice's
+    assert torch.allclose(net.sam_features(grid.flip(-1)[None], size), upright.flip(-1), atol=2e-2)

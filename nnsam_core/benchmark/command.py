@@ -69,6 +69,8 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--embedding-variants", type=int, metavar="K",
                         help="nnsam methods draw from K embeddings of intensity-augmented copies of each training "
                         "slice beside the clean one (default: 0, the clean embedding only)")
+    parser.add_argument("--mirror-embeddings", action="store_const", const=True,
+                        help="nnsam methods: a mirrored training patch samples the embedding of the mirrored slice")
     parser.add_argument("--preset", choices=("quick", "full"), default="quick",
                         help="training schedule of every run (quick: 1000 iterations; full: the paper's)")
     parser.add_argument("--iterations", type=int, metavar="N", help="override the preset's iteration count")
@@ -115,7 +117,7 @@ def run_benchmark_command(args) -> int:
                         split=args.split if not args.in_volume else None,
                         test_fraction=args.test_fraction if not args.in_volume else None, device=args.device,
                         sam_input=args.sam_input, inject_stride=args.inject_stride,
-                        embedding_variants=args.embedding_variants)
+                        embedding_variants=args.embedding_variants, mirror_embeddings=args.mirror_embeddings)
     plan = Plan(settings=settings, methods=list(dict.fromkeys(args.methods)),
                 sizes=sorted(set(args.sizes)) if not args.in_volume else [],
                 annotated=sorted(set(args.annotated)) if args.in_volume else [],

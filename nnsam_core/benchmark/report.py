@@ -463,7 +463,9 @@ def _sam_branch(runs: Sequence[dict]) -> str:
     return (f"SAM input {', '.join(f'`{u}`' for u in inputs) or '-'}, injected at the "
             f"{', '.join(f'1/{s}' for s in strides) or '-'} skip"
             + (f", {' or '.join(str(v) for v in variants)} intensity-augmented embedding variants per training slice"
-               if any(variants) else ""))
+               if any(variants) else "")
+            + (", mirrored patches sample the mirrored slice's embedding"
+               if any(c.get("mirror_embeddings") and c.get("embeddings") != "recomputed" for c in configs) else ""))
 
 
 def _setup_section(state: dict, runs: Sequence[dict], protocol: str) -> list[str]:
