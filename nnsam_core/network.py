@@ -22,10 +22,11 @@ features (recomputing the embedding of every augmented patch, the authors' way, 
 made once before training with nnU-Net's own intensity transforms, and training draws one of the K + 1 per patch.
 
 SAM is not mirror-equivariant: the embedding of a mirrored slice differs from the mirrored embedding (by 74-96 %
-relative L2 on a CHD slice at 512 px), and nnU-Net mirrors three patches in four. With ``mirror_embeddings`` the
-bank also holds the embeddings of each training slice's three mirror images, and in training a patch whose grid
-runs backwards along an axis samples the embedding of the slice mirrored along that axis, as recomputing would.
-Inference keeps one encoder call per slice (test-time mirroring samples the mirrored embedding).
+relative L2 on a CHD slice at 512 px, docs/benchmarks/chd_mirror_ds4_q1000), and nnU-Net mirrors three patches
+in four. With ``mirror_embeddings`` the bank also holds the embeddings of each training slice's three mirror
+images, and in training a patch whose grid runs backwards along an axis samples the embedding of the slice
+mirrored along that axis, as recomputing would. Inference keeps one encoder call per slice (test-time mirroring
+samples the mirrored embedding).
 """
 
 from __future__ import annotations
