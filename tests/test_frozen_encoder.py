@@ -58,7 +58,7 @@ def test_network_train_mode_does_not_reach_encoder(trained):
 
 def _logits_with_embedding(network, embedding: torch.Tensor, image: np.ndarray) -> torch.Tensor:
     class FixedBank:
-        def get(self, keys, device, draw_variant=False):
+        def get(self, keys, device, draw_variant=False, mirrors=None):
             return embedding.expand(len(keys), -1, -1, -1).to(device)
 
     network.attach_bank(FixedBank())
@@ -87,7 +87,7 @@ def test_grid_channels_follow_mirroring_and_tiling(trained):
     embedding = torch.arange(256 * 64 * 64, dtype=torch.float32).reshape(1, 256, 64, 64).sin()
 
     class FixedBank:
-        def get(self, keys, device, draw_variant=False):
+        def get(self, keys, device, draw_variant=False, mirrors=None):
             return embedding.expand(len(keys), -1, -1, -1)
 
     network.attach_bank(FixedBank())

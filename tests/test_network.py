@@ -20,7 +20,7 @@ def test_choose_inject_skip(strides, target, expected):
 
 
 class _Bank:
-    def get(self, keys, device, draw_variant=False):
+    def get(self, keys, device, draw_variant=False, mirrors=None):
         return torch.ones((len(keys), 256, 64, 64), device=device)
 
 
@@ -63,7 +63,7 @@ class _RecordingBank:
         # an embedding that depends on the input, so recomputed features follow the patch
         return slices.mean(dim=(1, 2, 3), keepdim=True).expand(-1, 256, 64, 64).clone()
 
-    def get(self, keys, device, draw_variant=False):
+    def get(self, keys, device, draw_variant=False, mirrors=None):
         self.gets += 1
         return torch.ones((len(keys), 256, 64, 64), device=device)
 
