@@ -163,7 +163,7 @@ class EmbeddingBank:
         for key in dict.fromkeys(int(k) for k in keys):
             if count < 1 or key in self._variants:
                 continue
-            clean = torch.from_numpy(np.asarray(self.load_slices([key])[0], dtype=np.float32))[None]
+            clean = self._load_slice(key)[None]
             copies = [augment(clean.clone()) for _ in range(count)]
             embedded = [self.encode(torch.stack(copies[start:start + self.batch_size])).to("cpu", torch.float16)
                         for start in range(0, count, self.batch_size)]
@@ -174,9 +174,15 @@ class EmbeddingBank:
         for key in dict.fromkeys(int(k) for k in keys):
             if key in self._mirrored:
                 continue
-            clean = torch.from_numpy(np.asarray(self.load_slices([key])[0], dtype=np.float32))
+            clean = self._load_slice(key)
             mirrors = torch.stack([clean.flip(0), clean.flip(1), clean.flip(0, 1)])[:, None]
             self._mirrored[key] = self.encode(mirrors).to("cpu", torch.float16)
+
+    def holds_mirrored(self, key: int) -> bool:
+        return int(key) in self._mirrored
+
+    def _load_slice(self, key: int) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.load_slices([key])[0], dtype=np.float32))
 
     def variant_count(self, key: int) -> int:
         variants = self._variants.get(int(key))
@@ -191,13 +197,13 @@ class EmbeddingBank:
             mirrors: Optional[Sequence[tuple[bool, bool]]] = None) -> torch.Tensor:
         """Embeddings of ``keys`` (0: padding, zeros). ``draw_variant``: for slices with augmented variants,
         one of the clean embedding and its variants, drawn uniformly per key. ``mirrors``: per key, (rows, columns)
-        mirrored: the embedding of the slice mirrored so (where held) instead."""
+        mirrored: the embedding of the slice mirrored so instead (it must be held; no variant is drawn then)."""
         keys = [int(k) for k in keys]
         self.warm([k for k in keys if k > 0])
         out = []
         for i, k in enumerate(keys):
             mirror = (2 * mirrors[i][1] + mirrors[i][0]) if mirrors is not None else 0  # 1 rows, 2 columns, 3 both
-            if k > 0 and mirror and k in self._mirrored:
+            if k > 0 and mirror:
                 out.append(self._mirrored[k][mirror - 1])
             elif k > 0:
                 self._store.move_to_end(k)
@@ -330,8 +336,11 @@ class NNSAMNet(nn.Module):
         grid = grid.float()
         keys = torch.round(grid[:, 2].flatten(1).amax(dim=1)).long().tolist()
         inside, rc = self._slice_coverage(grid, size)
-        mirrors = (self._patch_mirrors(inside, rc)
-                   if self.training and self.config_dict.get("mirror_embeddings", False) else None)
+        mirrors = None
+        if self.training and self.config_dict.get("mirror_embeddings", False):
+            # only slices whose mirror images were embedded (every training slice); others as the plain cache
+            mirrors = [pair if self.sam_bank.holds_mirrored(k) else (False, False)
+                       for k, pair in zip(keys, self._patch_mirrors(inside, rc))]
         embeddings = self.sam_bank.get(keys, grid.device, draw_variant=self.training, mirrors=mirrors)
         normalised = torch.where(inside, 2.0 * (rc - 1.0) - 1.0, torch.full_like(rc, -2.0))
         if mirrors is not None:  # the mirrored slice's embedding is indexed by mirrored positions

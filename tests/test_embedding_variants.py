@@ -228,6 +228,9 @@ def test_mirrored_patches_sample_the_mirrored_slice_embedding(trained, mirror_em
     assert torch.allclose(upright, resize(encoder(slice_[None, None])), atol=2e-2)  # the bank keeps float16
     if mirror_embeddings:   # what recomputing gives: the embedding of the mirrored slice
         assert torch.allclose(mirrored, resize(encoder(slice_.flip(-1)[None, None])), atol=2e-2)
+        other = torch.from_numpy(grid_channels((1, h, w), [2])[:, 0])    # a slice whose mirrors were not embedded
+        assert torch.allclose(net.sam_features(other.flip(-1)[None], size),
+                              net.sam_features(other[None], size).flip(-1), atol=2e-2)
     else:                   # the mirrored embedding of the slice
         assert torch.allclose(mirrored, upright.flip(-1), atol=2e-2)
     net.eval()                                                          # inference: never the mirrored slice's
