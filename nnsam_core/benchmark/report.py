@@ -459,13 +459,14 @@ def _sam_branch(runs: Sequence[dict]) -> str:
     configs = [r.get("nnsam_config") or {} for r in runs if r["method"] != "nnunet"]
     inputs = sorted({c.get("sam_input", "nnunet") for c in configs})
     strides = sorted({int(c.get("inject_stride", 8)) for c in configs})
-    variants = sorted({int(c.get("embedding_variants", 0)) for c in configs if c.get("embeddings") != "recomputed"})
+    cached = [c for c in configs if c.get("embeddings") != "recomputed"]  # the cache's options mean nothing else
+    variants = sorted({int(c.get("embedding_variants", 0)) for c in cached})
     return (f"SAM input {', '.join(f'`{u}`' for u in inputs) or '-'}, injected at the "
             f"{', '.join(f'1/{s}' for s in strides) or '-'} skip"
             + (f", {' or '.join(str(v) for v in variants)} intensity-augmented embedding variants per training slice"
                if any(variants) else "")
             + (", mirrored patches sample the mirrored slice's embedding"
-               if any(c.get("mirror_embeddings") and c.get("embeddings") != "recomputed" for c in configs) else ""))
+               if any(c.get("mirror_embeddings") for c in cached) else ""))
 
 
 def _setup_section(state: dict, runs: Sequence[dict], protocol: str) -> list[str]:
