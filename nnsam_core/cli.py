@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also embed K copies of each training slice passed through nnU-Net's intensity "
                        "augmentations, once before training; training draws among them and the clean one "
                        "(default 0: the clean embedding only; at most %d)" % MAX_EMBEDDING_VARIANTS)
+    train.add_argument("--embedding-views", type=int, default=0, metavar="V",
+                       help="also embed V rotated and scaled copies of each training slice (nnU-Net's rotation and "
+                       "scaling ranges), once before training; training draws among them like the variants and "
+                       "samples each where the patch lies in it (default 0; at most %d)" % MAX_EMBEDDING_VARIANTS)
     train.add_argument("--mirror-embeddings", action="store_true",
                        help="a mirrored training patch samples the embedding of the mirrored slice, as recomputing "
                        "would (SAM is not mirror-equivariant); 3 encoder calls more per training slice, once")
@@ -148,7 +152,9 @@ def _train(args) -> int:
     if names is not None and (not all(names) or len(set(names)) != len(names)):
         raise NNSAMError(f"--class-names '{args.class_names}' must be distinct, non-empty names, e.g. LV,RV,Myo")
     check_embedding_variants(args.embedding_variants)
-    cache_options = (("--embedding-variants", args.embedding_variants), ("--mirror-embeddings", args.mirror_embeddings))
+    check_embedding_variants(args.embedding_views, "--embedding-views")
+    cache_options = (("--embedding-variants", args.embedding_variants), ("--embedding-views", args.embedding_views),
+                     ("--mirror-embeddings", args.mirror_embeddings))
     for option, given in cache_options:
         if given and args.method in ("nnunet", "nnsam-recomputed"):
             raise NNSAMError(f"{option} applies to cached embeddings; method {args.method} has none")
@@ -160,7 +166,8 @@ def _train(args) -> int:
         config = NNSAMConfig(encoder=base.encoder, pretrained=base.pretrained, random_seed=base.random_seed,
                              inject_stride=args.inject_stride, embedding_norm=args.embedding_norm,
                              sam_input=args.sam_input or base.sam_input, embeddings=base.embeddings,
-                             embedding_variants=args.embedding_variants, mirror_embeddings=args.mirror_embeddings)
+                             embedding_variants=args.embedding_variants, mirror_embeddings=args.mirror_embeddings,
+                             embedding_views=args.embedding_views)
         config = None if config == base else config
     fine_tune(args.image, args.labels, output=args.output, nnsam_config=config, slices=slices, class_names=names,
               dataset_dir=args.dataset, encoder=args.encoder, method=args.method, preset=args.preset,

@@ -7,15 +7,15 @@ METHODS = ("nnsam", "nnunet", "nnsam-random", "nnsam-recomputed")
 # (in-plane downsampling of the U-Net skip).
 SAM_INPUTS = ("nnunet", "unit-range")
 INJECT_STRIDES = (2, 4, 8, 16, 32)
-# Embeddings of intensity-augmented copies per training slice (NNSAMConfig.embedding_variants) at most.
+# Embeddings of augmented copies per training slice (NNSAMConfig.embedding_variants, .embedding_views) at most.
 MAX_EMBEDDING_VARIANTS = 64
 
 
-def check_embedding_variants(count: int) -> None:
-    """The one-line error for an --embedding-variants the engine cannot honour."""
+def check_embedding_variants(count: int, option: str = "--embedding-variants") -> None:
+    """The one-line error for an --embedding-variants (or --embedding-views) the engine cannot honour."""
     if not 0 <= count <= MAX_EMBEDDING_VARIANTS:
         from .errors import NNSAMError
-        raise NNSAMError(f"--embedding-variants must be 0 to {MAX_EMBEDDING_VARIANTS}, not {count}")
+        raise NNSAMError(f"{option} must be 0 to {MAX_EMBEDDING_VARIANTS}, not {count}")
 
 METHOD_HELP = ("nnsam; nnunet (no SAM branch, same pipeline); nnsam-random (random frozen encoder, the control for "
                "pretrained features); nnsam-recomputed (embeddings recomputed on every patch at every training "

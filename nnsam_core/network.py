@@ -27,6 +27,16 @@ in four. With ``mirror_embeddings`` the bank also holds the embeddings of each t
 images, and in training a patch whose grid runs backwards along an axis samples the embedding of the slice
 mirrored along that axis, as recomputing would. Inference keeps one encoder call per slice (test-time mirroring
 samples the mirrored embedding).
+
+SAM is not rotation- or scale-equivariant either, and nnU-Net rotates and scales a patch in three cases out of
+ten (the zero padding this brings in also reaches the encoder when recomputing). With ``embedding_views = V`` the
+bank also holds the embeddings of V rotated and scaled copies of each training slice (random angles and scales in
+nnU-Net's own ranges), each with the map from slice positions to its own; training draws among them as among the
+intensity variants and samples the drawn copy's embedding where the patch's pixels lie in it (the clean slice's
+embedding where the copy does not reach).
+
+Every embedding the bank hands out comes with that map, a 2x2 matrix acting on normalised (x=column, y=row)
+slice positions: identity for the clean slice and intensity variants, a sign flip for a mirror image.
 """
 
 from __future__ import annotations
@@ -73,12 +83,16 @@ class NNSAMConfig:
     # "cached" only: mirrored training patches sample the embedding of the mirrored slice (3 encoder calls more per
     # training slice, once); False: the mirrored embedding of the slice.
     mirror_embeddings: bool = False
+    # "cached" only: embeddings of this many rotated and scaled copies of each training slice, drawn from in
+    # training beside the clean one and the intensity variants (0: none).
+    embedding_views: int = 0
 
     def __post_init__(self):
         if self.embeddings not in EMBEDDING_MODES:
             raise ValueError(f"unknown embeddings mode {self.embeddings!r}; one of {EMBEDDING_MODES}")
-        if not 0 <= int(self.embedding_variants) <= MAX_EMBEDDING_VARIANTS:
-            raise ValueError(f"embedding_variants must be 0 to {MAX_EMBEDDING_VARIANTS}, not {self.embedding_variants}")
+        for field in ("embedding_variants", "embedding_views"):
+            if not 0 <= int(getattr(self, field)) <= MAX_EMBEDDING_VARIANTS:
+                raise ValueError(f"{field} must be 0 to {MAX_EMBEDDING_VARIANTS}, not {getattr(self, field)}")
         if self.sam_input is None:
             object.__setattr__(self, "sam_input", get_spec(self.encoder).input_preparation)
 
@@ -131,6 +145,7 @@ class EmbeddingBank:
         self.max_entries = max_entries
         self._store: "OrderedDict[int, torch.Tensor]" = OrderedDict()
         self._variants: dict[int, torch.Tensor] = {}  # key -> (K, C, h, w) embeddings of augmented copies
+        self._variant_maps: dict[int, torch.Tensor] = {}  # key -> (K, 2, 2) slice positions -> the copy's
         self._mirrored: dict[int, torch.Tensor] = {}  # key -> (3, C, h, w): rows, columns, both axes mirrored
         self.encoder_calls = 0  # slices passed through the encoder (for the speed benchmark)
 
@@ -164,10 +179,38 @@ class EmbeddingBank:
             if count < 1 or key in self._variants:
                 continue
             clean = self._load_slice(key)[None]
-            copies = [augment(clean.clone()) for _ in range(count)]
-            embedded = [self.encode(torch.stack(copies[start:start + self.batch_size])).to("cpu", torch.float16)
-                        for start in range(0, count, self.batch_size)]
-            self._variants[key] = torch.cat(embedded)
+            self._add_variants(key, [augment(clean.clone()) for _ in range(count)], torch.eye(2).expand(count, 2, 2))
+
+    def warm_views(self, keys: Sequence[int], count: int, rotation: tuple[float, float],
+                   scaling: tuple[float, float]) -> None:
+        """Embed ``count`` rotated and scaled copies of each slice, once: angles (radians) and scale factors
+        uniform in the given ranges, about the slice centre, zero outside the slice (as nnU-Net pads)."""
+        for key in dict.fromkeys(int(k) for k in keys):
+            if count < 1 or self.view_count(key):
+                continue
+            clean = self._load_slice(key)[None, None]
+            height, width = clean.shape[-2:]
+            angles = torch.empty(count).uniform_(*rotation)
+            scales = torch.empty(count).uniform_(*scaling)
+            # copy(p) = slice(A p) in normalised (x, y); a rotation in pixels is D^-1 R D in normalised coordinates
+            pixels = torch.diag(torch.tensor([width / 2.0, height / 2.0]))
+            cos, sin = torch.cos(angles), torch.sin(angles)
+            rotations = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+            forward = scales[:, None, None] * torch.linalg.inv(pixels) @ rotations @ pixels
+            sampling = F.affine_grid(torch.cat([forward, torch.zeros(count, 2, 1)], 2), [count, 1, height, width],
+                                     align_corners=False)
+            copies = F.grid_sample(clean.expand(count, -1, -1, -1), sampling, mode="bilinear", padding_mode="zeros",
+                                   align_corners=False)
+            self._add_variants(key, list(copies), torch.linalg.inv(forward))
+
+    def _add_variants(self, key: int, copies: list[torch.Tensor], maps: torch.Tensor) -> None:
+        embedded = [self.encode(torch.stack(copies[start:start + self.batch_size])).to("cpu", torch.float16)
+                    for start in range(0, len(copies), self.batch_size)]
+        if key in self._variants:
+            embedded.insert(0, self._variants[key])
+            maps = torch.cat([self._variant_maps[key], maps])
+        self._variants[key] = torch.cat(embedded)
+        self._variant_maps[key] = maps.float().clone()
 
     def warm_mirrored(self, keys: Sequence[int]) -> None:
         """Embed each slice mirrored along rows, along columns and along both, once."""
@@ -185,8 +228,13 @@ class EmbeddingBank:
         return torch.from_numpy(np.asarray(self.load_slices([key])[0], dtype=np.float32))
 
     def variant_count(self, key: int) -> int:
+        """Embeddings held of augmented copies of the slice: intensity variants and geometric views."""
         variants = self._variants.get(int(key))
         return 0 if variants is None else variants.shape[0]
+
+    def view_count(self, key: int) -> int:
+        maps = self._variant_maps.get(int(key))
+        return 0 if maps is None else int((~torch.isclose(maps, torch.eye(2)).flatten(1).all(1)).sum())
 
     def encode(self, slices: torch.Tensor) -> torch.Tensor:
         """Run the frozen encoder on (B, 1, H, W) slices now, counting the calls; nothing is stored."""
@@ -195,29 +243,42 @@ class EmbeddingBank:
 
     def get(self, keys: Sequence[int], device: torch.device, draw_variant: bool = False,
             mirrors: Optional[Sequence[tuple[bool, bool]]] = None) -> torch.Tensor:
-        """Embeddings of ``keys`` (0: padding, zeros). ``draw_variant``: for slices with augmented variants,
-        one of the clean embedding and its variants, drawn uniformly per key. ``mirrors``: per key, (rows, columns)
-        mirrored: the embedding of the slice mirrored so instead (it must be held; no variant is drawn then)."""
+        """Embeddings of ``keys`` (0: padding, zeros); see :meth:`get_mapped` (this drops the maps)."""
+        return self.get_mapped(keys, device, draw_variant, mirrors)[0]
+
+    def get_mapped(self, keys: Sequence[int], device: torch.device, draw_variant: bool = False,
+                   mirrors: Optional[Sequence[tuple[bool, bool]]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of ``keys`` (0: padding, zeros) and, per key, the (2, 2) map from normalised (x, y) slice
+        positions to the embedding's. ``draw_variant``: for slices with augmented copies, one of the clean
+        embedding and the copies', drawn uniformly per key. ``mirrors``: per key, (rows, columns) mirrored: the
+        embedding of the slice mirrored so instead (it must be held; no variant is drawn then)."""
         keys = [int(k) for k in keys]
         self.warm([k for k in keys if k > 0])
-        out = []
+        out, maps = [], []
         for i, k in enumerate(keys):
             mirror = (2 * mirrors[i][1] + mirrors[i][0]) if mirrors is not None else 0  # 1 rows, 2 columns, 3 both
+            position_map = torch.eye(2)
             if k > 0 and mirror:
                 out.append(self._mirrored[k][mirror - 1])
+                position_map = torch.diag(torch.tensor([-1.0 if mirror & 2 else 1.0, -1.0 if mirror & 1 else 1.0]))
             elif k > 0:
                 self._store.move_to_end(k)
                 choice = int(torch.randint(0, self.variant_count(k) + 1, ()).item()) if draw_variant else 0
                 out.append(self._store[k] if choice == 0 else self._variants[k][choice - 1])
+                if choice:
+                    position_map = self._variant_maps[k][choice - 1]
             else:
                 out.append(torch.zeros_like(next(iter(self._store.values()))) if self._store else
                            torch.zeros((EMBEDDING_CHANNELS, 64, 64), dtype=torch.float16))
-        return torch.stack(out).to(device=device, dtype=torch.float32, non_blocking=True)
+            maps.append(position_map)
+        return (torch.stack(out).to(device=device, dtype=torch.float32, non_blocking=True),
+                torch.stack(maps).to(device=device))
 
     def drop(self, keys: Sequence[int]) -> None:
         for k in keys:
             self._store.pop(int(k), None)
             self._variants.pop(int(k), None)
+            self._variant_maps.pop(int(k), None)
             self._mirrored.pop(int(k), None)
 
     def channel_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,14 +402,21 @@ class NNSAMNet(nn.Module):
             # only slices whose mirror images were embedded (every training slice); others as the plain cache
             mirrors = [pair if self.sam_bank.holds_mirrored(k) else (False, False)
                        for k, pair in zip(keys, self._patch_mirrors(inside, rc))]
-        embeddings = self.sam_bank.get(keys, grid.device, draw_variant=self.training, mirrors=mirrors)
-        normalised = torch.where(inside, 2.0 * (rc - 1.0) - 1.0, torch.full_like(rc, -2.0))
-        if mirrors is not None:  # the mirrored slice's embedding is indexed by mirrored positions
-            signs = torch.tensor([[-1.0 if m else 1.0 for m in pair] for pair in mirrors], device=rc.device)
-            normalised = normalised * signs[:, :, None, None]
-        sample_grid = normalised.flip(1).permute(0, 2, 3, 1)  # grid_sample wants (x=col, y=row)
-        sampled = F.grid_sample(embeddings, sample_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        embeddings, maps = self.sam_bank.get_mapped(keys, grid.device, draw_variant=self.training, mirrors=mirrors)
+        positions = (2.0 * (rc - 1.0) - 1.0).flip(1)  # normalised (x=col, y=row), as grid_sample wants
+        mapped = torch.einsum("bij,bjhw->bihw", maps, positions)  # where each pixel lies in the drawn embedding
+        outside = torch.full_like(positions, -2.0)  # grid_sample reads zeros there
+        sampled = self._sample(embeddings, torch.where(inside, mapped, outside))
+        missed = inside & (mapped.abs() > 1.0).any(dim=1, keepdim=True)  # a scaled or turned copy did not reach
+        if bool(missed.any()):
+            clean = self._sample(self.sam_bank.get(keys, grid.device), torch.where(inside, positions, outside))
+            sampled = torch.where(missed, clean, sampled)
         return self._standardise(sampled) * inside
+
+    @staticmethod
+    def _sample(embeddings: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return F.grid_sample(embeddings, positions.permute(0, 2, 3, 1), mode="bilinear", padding_mode="zeros",
+                             align_corners=False)
 
     def recomputed_sam_features(self, image: torch.Tensor, grid: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """The authors' way (``embeddings='recomputed'``): run the frozen encoder on the augmented patches

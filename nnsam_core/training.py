@@ -36,7 +36,8 @@ from .network import (GRID_CHANNELS, EmbeddingBank, NNSAMConfig, build_nnsam_net
 
 ProgressCallback = Callable[[dict], None]
 NNSAM_CONFIG_FILE = "nnsam_config.json"  # beside checkpoint_final.pth in an nnU-Net results fold folder
-MAX_VARIANT_EMBEDDINGS = 1024  # embedding variants held in memory at most (about 2 GB in float16)
+MAX_VARIANT_EMBEDDINGS = 1024  # embedding variants and views held in memory at most (about 2 GB in float16)
+VIEW_SCALING = (0.7, 1.4)  # nnU-Net's training scaling range (get_training_transforms), for the geometric views
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -269,8 +270,8 @@ class nnUNetTrainerNNSAM(nnUNetTrainerFewShot):
             self.progress_callback({"stage": "embed", "step": 0, "total": len(warm), "loss": None, "eta_s": None,
                                     "message": f"computing {config.encoder} embeddings of {len(warm)} training slices"})
         bank.warm(warm)
-        if config.embeddings == "cached" and config.embedding_variants > 0:
-            self._warm_embedding_variants(bank, warm, config.embedding_variants)
+        if config.embeddings == "cached" and config.embedding_variants + config.embedding_views > 0:
+            self._warm_embedding_variants(bank, warm, config.embedding_variants, config.embedding_views)
         if config.embeddings == "cached" and config.mirror_embeddings:
             bank.warm_mirrored(warm)
         network = self._network_module()
@@ -281,16 +282,22 @@ class nnUNetTrainerNNSAM(nnUNetTrainerFewShot):
         self.embedding_bank = bank
         return bank
 
-    def _warm_embedding_variants(self, bank: EmbeddingBank, keys: list[int], count: int) -> None:
-        total = count * len(keys)
+    def _warm_embedding_variants(self, bank: EmbeddingBank, keys: list[int], variants: int, views: int = 0) -> None:
+        """Embeddings of intensity-augmented copies (nnU-Net's intensity transforms) and of rotated and scaled
+        copies (nnU-Net's rotation and scaling ranges) of every training slice."""
+        total = (variants + views) * len(keys)
         if total > MAX_VARIANT_EMBEDDINGS:
-            raise NNSAMError(f"{count} embedding variants x {len(keys)} training slices = {total} embeddings, more "
-                             f"than {MAX_VARIANT_EMBEDDINGS} (2 MB each): use fewer variants or 0")
+            raise NNSAMError(f"{variants + views} embedding variants and views x {len(keys)} training slices = "
+                             f"{total} embeddings, more than {MAX_VARIANT_EMBEDDINGS} (2 MB each): use fewer or 0")
         if self.progress_callback is not None:
             self.progress_callback({"stage": "embed", "step": 0, "total": total, "loss": None, "eta_s": None,
-                                    "message": f"computing {total} embeddings of intensity-augmented copies"})
-        augmentation = self.intensity_augmentation()
-        bank.warm_variants(keys, count, lambda image: augmentation(image=image)["image"])
+                                    "message": f"computing {total} embeddings of augmented copies"})
+        if variants:
+            augmentation = self.intensity_augmentation()
+            bank.warm_variants(keys, variants, lambda image: augmentation(image=image)["image"])
+        if views:
+            rotation = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[0]
+            bank.warm_views(keys, views, tuple(float(r) for r in rotation), VIEW_SCALING)
 
     def on_train_start(self):
         super().on_train_start()

@@ -83,7 +83,7 @@ def test_fine_tune_with_variants_embeds_each_slice_k_times_and_draws_them_in_tra
     from nnsam_core.predict import Segmenter
 
     made, asked, mirrored = [], [], []
-    warm_variants, warm_mirrored, get = EmbeddingBank.warm_variants, EmbeddingBank.warm_mirrored, EmbeddingBank.get
+    warm_variants, warm_mirrored, get = EmbeddingBank.warm_variants, EmbeddingBank.warm_mirrored, EmbeddingBank.get_mapped
 
     def recording_warm_variants(self, keys, count, augment):
         before = self.encoder_calls
@@ -101,7 +101,7 @@ def test_fine_tune_with_variants_embeds_each_slice_k_times_and_draws_them_in_tra
 
     monkeypatch.setattr(EmbeddingBank, "warm_variants", recording_warm_variants)
     monkeypatch.setattr(EmbeddingBank, "warm_mirrored", recording_warm_mirrored)
-    monkeypatch.setattr(EmbeddingBank, "get", recording_get)
+    monkeypatch.setattr(EmbeddingBank, "get_mapped", recording_get)
     bundle = fine_tune(*chest_ct, output=tmp_path / "model.nnsam", slices=CHEST_SLICES, iterations=2, device="cpu",
                        nnsam_config=NNSAMConfig(embedding_variants=2, mirror_embeddings=True))
     n_train = made[0][0]
@@ -187,7 +187,7 @@ def test_too_many_variant_embeddings_are_refused_before_any_is_made():
 
     bank = _bank()
     keys = list(range(1, MAX_VARIANT_EMBEDDINGS // 8 + 2))            # 8 variants each: just over the limit
-    with pytest.raises(NNSAMError, match="use fewer variants or 0"):
+    with pytest.raises(NNSAMError, match="use fewer or 0"):
         nnUNetTrainerNNSAM._warm_embedding_variants(SimpleNamespace(progress_callback=None), bank, keys, 8)
     assert bank.encoder_calls == 0 and bank.variant_count(1) == 0
 
@@ -235,3 +235,90 @@ def test_mirrored_patches_sample_the_mirrored_slice_embedding(trained, mirror_em
         assert torch.allclose(mirrored, upright.flip(-1), atol=2e-2)
     net.eval()                                                          # inference: never the mirrored slice's
     assert torch.allclose(net.sam_features(grid.flip(-1)[None], size), upright.flip(-1), atol=2e-2)
+
+
+def _view_net(trained, bank):
+    from nnsam_core.network import build_nnsam_network
+    from nnsam_core.predict import Segmenter
+
+    base = Segmenter(trained[0], "cpu")
+    net = build_nnsam_network(base.plans_manager, base.configuration_manager, 1, 8, False,
+                              NNSAMConfig(embedding_norm="none"))
+    net.attach_bank(bank)
+    return net, base.configuration_manager.patch_size
+
+
+def test_a_turned_view_is_sampled_where_the_patch_lies_in_it(trained):
+    """A view turned by 90 degrees is the slice turned (pixel centres land on pixel centres), and an upright patch
+    drawing it gets what recomputing on the turned slice gives, turned back: the view's positions follow the turn."""
+    from nnsam_core.network import grid_channels
+
+    h = w = 64
+    slice_ = torch.from_numpy(np.random.default_rng(0).normal(size=(h, w)).astype(np.float32))
+    encoder = _PositionalEncoder()
+    bank = EmbeddingBank(encoder, lambda keys: [slice_.numpy() for _ in keys])
+    bank.warm([1])
+    views = []
+    bank.encode = lambda slices: views.append(slices) or encoder(slices)
+    bank.warm_views([1], 1, (np.pi / 2, np.pi / 2), (1.0, 1.0))
+    turned = torch.rot90(slice_, 1, (0, 1))
+    assert bank.view_count(1) == 1 and torch.allclose(views[0][0, 0], turned, atol=1e-4)
+    net, _ = _view_net(trained, bank)
+    net.train()
+    grid = torch.from_numpy(grid_channels((1, h, w), [1])[:, 0])[None]
+    size = (h // 8, w // 8)
+    resize = lambda e: torch.nn.functional.interpolate(e, size=size, mode="bilinear", align_corners=False)
+    clean = resize(encoder(slice_[None, None]))
+    recomputed_turned_back = torch.rot90(resize(encoder(turned[None, None])), -1, (2, 3))
+    assert not torch.allclose(clean, recomputed_turned_back, atol=0.5)  # the encoder is no rotation-equivariant one
+    torch.manual_seed(0)
+    draws = [net.sam_features(grid, size) for _ in range(16)]
+    from_view = [torch.allclose(d, recomputed_turned_back, atol=2e-2) for d in draws]
+    from_clean = [torch.allclose(d, clean, atol=2e-2) for d in draws]
+    assert all(v != c for v, c in zip(from_view, from_clean)) and any(from_view) and any(from_clean)
+    net.eval()                                                          # inference: the clean slice only
+    assert all(torch.allclose(net.sam_features(grid, size), clean, atol=2e-2) for _ in range(8))
+
+
+def test_where_a_zoomed_view_does_not_reach_the_clean_embedding_is_sampled(trained):
+    from nnsam_core.network import grid_channels
+
+    h = w = 64
+    slice_ = torch.from_numpy(np.random.default_rng(1).normal(size=(h, w)).astype(np.float32))
+    bank = EmbeddingBank(_PositionalEncoder(), lambda keys: [slice_.numpy() for _ in keys])
+    bank.warm([1])
+    bank.warm_views([1], 1, (0.0, 0.0), (0.5, 0.5))                     # the slice's centre, magnified twice
+    bank.get_mapped = lambda keys, device, draw_variant=False, mirrors=None: (
+        EmbeddingBank.get_mapped(bank, keys, device, False, mirrors)[0] * 0 + bank._variants[1][:1].float(),
+        bank._variant_maps[1][:1].to(device)) if draw_variant else EmbeddingBank.get_mapped(bank, keys, device)
+    net, _ = _view_net(trained, bank)
+    grid = torch.from_numpy(grid_channels((1, h, w), [1])[:, 0])[None]
+    size = (h // 8, w // 8)
+    net.eval()
+    clean = net.sam_features(grid, size)
+    net.train()
+    zoomed = net.sam_features(grid, size)                               # always the view (see get_mapped above)
+    border = torch.ones(size, dtype=torch.bool)
+    border[2:-2, 2:-2] = False                                          # slice positions |q| > 0.5: beyond the view
+    assert torch.allclose(zoomed[..., border], clean[..., border])
+    assert not torch.allclose(zoomed[..., ~border], clean[..., ~border], atol=0.5)
+
+
+def test_views_count_against_the_variant_limit_and_are_a_benchmark_setting():
+    from types import SimpleNamespace
+
+    from nnsam_core.benchmark.runner import Settings
+    from nnsam_core.errors import NNSAMError
+    from nnsam_core.training import MAX_VARIANT_EMBEDDINGS, nnUNetTrainerNNSAM
+
+    bank = _bank()
+    keys = list(range(1, MAX_VARIANT_EMBEDDINGS // 8 + 2))
+    with pytest.raises(NNSAMError, match="8 embedding variants and views"):
+        nnUNetTrainerNNSAM._warm_embedding_variants(SimpleNamespace(progress_callback=None), bank, keys, 0, 8)
+    assert bank.encoder_calls == 0 and bank.view_count(1) == 0
+    with pytest.raises(ValueError, match="embedding_views"):
+        NNSAMConfig(embedding_views=65)
+    settings = Settings(protocol="slices", dataset="d")
+    assert "embedding_views" not in settings.comparable()
+    settings.embedding_views = 8
+    assert settings.nnsam_config("nnsam").embedding_views == 8

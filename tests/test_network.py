@@ -20,8 +20,8 @@ def test_choose_inject_skip(strides, target, expected):
 
 
 class _Bank:
-    def get(self, keys, device, draw_variant=False, mirrors=None):
-        return torch.ones((len(keys), 256, 64, 64), device=device)
+    def get_mapped(self, keys, device, draw_variant=False, mirrors=None):
+        return torch.ones((len(keys), 256, 64, 64), device=device), torch.eye(2).expand(len(keys), 2, 2)
 
 
 @pytest.mark.parametrize("inject_stride", [8, 4])
@@ -63,9 +63,9 @@ class _RecordingBank:
         # an embedding that depends on the input, so recomputed features follow the patch
         return slices.mean(dim=(1, 2, 3), keepdim=True).expand(-1, 256, 64, 64).clone()
 
-    def get(self, keys, device, draw_variant=False, mirrors=None):
+    def get_mapped(self, keys, device, draw_variant=False, mirrors=None):
         self.gets += 1
-        return torch.ones((len(keys), 256, 64, 64), device=device)
+        return torch.ones((len(keys), 256, 64, 64), device=device), torch.eye(2).expand(len(keys), 2, 2)
 
 
 def test_recomputed_embeddings_encode_each_training_patch_and_inference_uses_the_bank(trained):

@@ -69,6 +69,9 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--embedding-variants", type=int, metavar="K",
                         help="nnsam methods draw from K embeddings of intensity-augmented copies of each training "
                         "slice beside the clean one (default: 0, the clean embedding only)")
+    parser.add_argument("--embedding-views", type=int, metavar="V",
+                        help="nnsam methods also draw from V embeddings of rotated and scaled copies of each training "
+                        "slice (default: 0)")
     parser.add_argument("--mirror-embeddings", action="store_const", const=True,
                         help="nnsam methods: a mirrored training patch samples the embedding of the mirrored slice")
     parser.add_argument("--preset", choices=("quick", "full"), default="quick",
@@ -106,8 +109,9 @@ def run_benchmark_command(args) -> int:
         raise NNSAMError("--downsample must be a whole number >= 1")
     if any(n < 1 for n in args.sizes) or any(k < 1 for k in args.annotated):
         raise NNSAMError("--sizes and --annotated must be positive")
-    if args.embedding_variants is not None:
-        check_embedding_variants(args.embedding_variants)
+    for option, count in (("--embedding-variants", args.embedding_variants), ("--embedding-views", args.embedding_views)):
+        if count is not None:
+            check_embedding_variants(count, option)
     dataset = Path(args.dataset)
     if not dataset.is_dir():
         raise NNSAMError(f"dataset folder {dataset} does not exist; give an nnU-Net raw dataset folder")
@@ -117,7 +121,8 @@ def run_benchmark_command(args) -> int:
                         split=args.split if not args.in_volume else None,
                         test_fraction=args.test_fraction if not args.in_volume else None, device=args.device,
                         sam_input=args.sam_input, inject_stride=args.inject_stride,
-                        embedding_variants=args.embedding_variants, mirror_embeddings=args.mirror_embeddings)
+                        embedding_variants=args.embedding_variants, mirror_embeddings=args.mirror_embeddings,
+                        embedding_views=args.embedding_views)
     plan = Plan(settings=settings, methods=list(dict.fromkeys(args.methods)),
                 sizes=sorted(set(args.sizes)) if not args.in_volume else [],
                 annotated=sorted(set(args.annotated)) if args.in_volume else [],
