@@ -248,8 +248,8 @@ class EmbeddingBank:
 
     def get_mapped(self, keys: Sequence[int], device: torch.device, draw_variant: bool = False,
                    mirrors: Optional[Sequence[tuple[bool, bool]]] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings of ``keys`` (0: padding, zeros) and, per key, the (2, 2) map from normalised (x, y) slice
-        positions to the embedding's. ``draw_variant``: for slices with augmented copies, one of the clean
+        """Embeddings of ``keys`` (0: padding, zeros) on ``device`` and, per key, the (2, 2) map from normalised
+        (x, y) slice positions to the embedding's (on the CPU). ``draw_variant``: for slices with augmented copies, one of the clean
         embedding and the copies', drawn uniformly per key. ``mirrors``: per key, (rows, columns) mirrored: the
         embedding of the slice mirrored so instead (it must be held; no variant is drawn then)."""
         keys = [int(k) for k in keys]
@@ -271,8 +271,7 @@ class EmbeddingBank:
                 out.append(torch.zeros_like(next(iter(self._store.values()))) if self._store else
                            torch.zeros((EMBEDDING_CHANNELS, 64, 64), dtype=torch.float16))
             maps.append(position_map)
-        return (torch.stack(out).to(device=device, dtype=torch.float32, non_blocking=True),
-                torch.stack(maps).to(device=device))
+        return torch.stack(out).to(device=device, dtype=torch.float32, non_blocking=True), torch.stack(maps)
 
     def drop(self, keys: Sequence[int]) -> None:
         for k in keys:
@@ -404,11 +403,16 @@ class NNSAMNet(nn.Module):
                        for k, pair in zip(keys, self._patch_mirrors(inside, rc))]
         embeddings, maps = self.sam_bank.get_mapped(keys, grid.device, draw_variant=self.training, mirrors=mirrors)
         positions = (2.0 * (rc - 1.0) - 1.0).flip(1)  # normalised (x=col, y=row), as grid_sample wants
-        mapped = torch.einsum("bij,bjhw->bihw", maps, positions)  # where each pixel lies in the drawn embedding
         outside = torch.full_like(positions, -2.0)  # grid_sample reads zeros there
+        # The maps are on the CPU: telling identities and mirrors (which reach every pixel) from views costs no
+        # device synchronisation, so inference and the plain cache pay nothing for views.
+        signed_axes = bool((maps.abs() == torch.eye(2)).all())
+        if signed_axes and bool((maps == torch.eye(2)).all()):
+            return self._standardise(self._sample(embeddings, torch.where(inside, positions, outside))) * inside
+        mapped = torch.einsum("bij,bjhw->bihw", maps.to(positions), positions)  # the pixels in the drawn embedding
         sampled = self._sample(embeddings, torch.where(inside, mapped, outside))
-        missed = inside & (mapped.abs() > 1.0).any(dim=1, keepdim=True)  # a scaled or turned copy did not reach
-        if bool(missed.any()):
+        if not signed_axes:  # where a turned or scaled view does not reach, the clean slice's embedding
+            missed = inside & (mapped.abs() > 1.0).any(dim=1, keepdim=True)
             clean = self._sample(self.sam_bank.get(keys, grid.device), torch.where(inside, positions, outside))
             sampled = torch.where(missed, clean, sampled)
         return self._standardise(sampled) * inside
