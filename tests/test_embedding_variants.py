@@ -82,8 +82,9 @@ def test_fine_tune_with_variants_embeds_each_slice_k_times_and_draws_them_in_tra
     from nnsam_core import fine_tune
     from nnsam_core.predict import Segmenter
 
-    made, asked, mirrored = [], [], []
+    made, asked, mirrored, views = [], [], [], []
     warm_variants, warm_mirrored, get = EmbeddingBank.warm_variants, EmbeddingBank.warm_mirrored, EmbeddingBank.get_mapped
+    warm_views = EmbeddingBank.warm_views
 
     def recording_warm_variants(self, keys, count, augment):
         before = self.encoder_calls
@@ -95,23 +96,32 @@ def test_fine_tune_with_variants_embeds_each_slice_k_times_and_draws_them_in_tra
         warm_mirrored(self, keys)
         mirrored.append((len(keys), self.encoder_calls - before))
 
+    def recording_warm_views(self, keys, count, rotation, scaling):
+        before = self.encoder_calls
+        warm_views(self, keys, count, rotation, scaling)
+        views.append((len(keys), count, self.encoder_calls - before, rotation, scaling, self.variant_count(keys[0])))
+
     def recording_get(self, keys, device, draw_variant=False, mirrors=None):
         asked.append((draw_variant, mirrors))
         return get(self, keys, device, draw_variant, mirrors)
 
     monkeypatch.setattr(EmbeddingBank, "warm_variants", recording_warm_variants)
     monkeypatch.setattr(EmbeddingBank, "warm_mirrored", recording_warm_mirrored)
+    monkeypatch.setattr(EmbeddingBank, "warm_views", recording_warm_views)
     monkeypatch.setattr(EmbeddingBank, "get_mapped", recording_get)
     bundle = fine_tune(*chest_ct, output=tmp_path / "model.nnsam", slices=CHEST_SLICES, iterations=2, device="cpu",
-                       nnsam_config=NNSAMConfig(embedding_variants=2, mirror_embeddings=True))
+                       nnsam_config=NNSAMConfig(embedding_variants=2, mirror_embeddings=True, embedding_views=1))
     n_train = made[0][0]
     assert made == [(n_train, 2, 2 * n_train)] and 1 <= n_train <= len(CHEST_SLICES)
+    # one view each, in nnU-Net's rotation (2D, square patch: a full turn) and scaling ranges, beside the variants
+    assert views == [(n_train, 1, n_train, pytest.approx((-np.pi, np.pi)), (0.7, 1.4), 2 + 1)]
     assert mirrored == [(n_train, 3 * n_train)]                      # each slice's three mirror images, once
     training = [(draw, mirrors) for draw, mirrors in asked if draw]
     assert training                                                  # training draws among the variants
     assert any(any(any(pair) for pair in mirrors) for _, mirrors in training)  # and meets mirrored patches
     assert bundle.manifest["nnsam_config"]["embedding_variants"] == 2
     assert bundle.manifest["nnsam_config"]["mirror_embeddings"] is True
+    assert bundle.manifest["nnsam_config"]["embedding_views"] == 1
 
     asked.clear()
     volume = sitk.GetImageFromArray(np.random.default_rng(0).normal(0, 300, size=(2, 48, 48)).astype(np.float32))
@@ -125,6 +135,7 @@ def test_fine_tune_with_variants_embeds_each_slice_k_times_and_draws_them_in_tra
     (["--embedding-variants", "3"], {"embedding_variants": 3, "embeddings": "cached"}),
     (["--method", "nnsam-recomputed"], {"embedding_variants": 0, "embeddings": "recomputed"}),
     (["--mirror-embeddings"], {"mirror_embeddings": True, "embeddings": "cached"}),
+    (["--embedding-views", "4"], {"embedding_views": 4, "embedding_variants": 0, "embeddings": "cached"}),
 ])
 def test_train_command_passes_the_sam_branch_it_was_given(chest_ct, tmp_path, monkeypatch, argv, expected):
     import nnsam_core.finetune as finetune
@@ -147,6 +158,8 @@ def test_train_command_passes_the_sam_branch_it_was_given(chest_ct, tmp_path, mo
     (["--embedding-variants", "2", "--method", "nnunet"], "applies to cached embeddings"),
     (["--embedding-variants", "2", "--method", "nnsam-recomputed"], "applies to cached embeddings"),
     (["--mirror-embeddings", "--method", "nnunet"], "--mirror-embeddings applies to cached embeddings"),
+    (["--embedding-views", "65"], "--embedding-views must be 0 to 64"),
+    (["--embedding-views", "2", "--method", "nnsam-recomputed"], "--embedding-views applies to cached embeddings"),
 ])
 def test_train_command_refuses_variants_it_cannot_use(chest_ct, tmp_path, capsys, argv, message):
     from nnsam_core.cli import main
