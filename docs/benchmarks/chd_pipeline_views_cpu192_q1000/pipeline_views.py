@@ -13,7 +13,6 @@ scaling and mirroring are linear about the patch centre). Everything else is the
 
 import sys
 
-import numpy as np
 import torch
 
 from nnsam_core import cli
