@@ -176,7 +176,7 @@ class EmbeddingBank:
                       augment: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Embed ``count`` copies of each slice, each passed through ``augment`` ((1, H, W) -> (1, H, W)), once."""
         for key in dict.fromkeys(int(k) for k in keys):
-            if count < 1 or key in self._variants:
+            if count < 1 or self.variant_count(key) > self.view_count(key):  # intensity variants already made
                 continue
             clean = self._load_slice(key)[None]
             self._add_variants(key, [augment(clean.clone()) for _ in range(count)], torch.eye(2).expand(count, 2, 2))
@@ -249,8 +249,8 @@ class EmbeddingBank:
     def get_mapped(self, keys: Sequence[int], device: torch.device, draw_variant: bool = False,
                    mirrors: Optional[Sequence[tuple[bool, bool]]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings of ``keys`` (0: padding, zeros) on ``device`` and, per key, the (2, 2) map from normalised
-        (x, y) slice positions to the embedding's (on the CPU). ``draw_variant``: for slices with augmented copies, one of the clean
-        embedding and the copies', drawn uniformly per key. ``mirrors``: per key, (rows, columns) mirrored: the
+        (x, y) slice positions to the embedding's (on the CPU). ``draw_variant``: for slices with augmented
+        copies, one of the clean embedding and the copies', drawn uniformly per key. ``mirrors``: per key, (rows, columns) mirrored: the
         embedding of the slice mirrored so instead (it must be held; no variant is drawn then)."""
         keys = [int(k) for k in keys]
         self.warm([k for k in keys if k > 0])

@@ -317,6 +317,17 @@ def test_where_a_zoomed_view_does_not_reach_the_clean_embedding_is_sampled(train
     assert not torch.allclose(zoomed[..., ~border], clean[..., ~border], atol=0.5)
 
 
+def test_variants_and_views_are_made_whichever_comes_first():
+    bank = _bank()
+    bank.warm([1])
+    bank.warm_views([1], 2, (0.5, 1.0), (0.8, 1.2))
+    bank.warm_variants([1], 3, lambda image: image + 1)
+    assert bank.variant_count(1) == 5 and bank.view_count(1) == 2
+    bank.warm_variants([1], 3, lambda image: image + 1)                 # made once
+    bank.warm_views([1], 2, (0.5, 1.0), (0.8, 1.2))
+    assert bank.variant_count(1) == 5 and bank.encoder_calls == 1 + 5
+
+
 def test_views_count_against_the_variant_limit_and_are_a_benchmark_setting():
     from types import SimpleNamespace
 
