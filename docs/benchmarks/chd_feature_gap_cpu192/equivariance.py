@@ -35,28 +35,29 @@ if __name__ == "__main__":
         "rotate 90 deg": dict(spatial={"angle": math.radians(90)}),
         "scale 0.8": dict(spatial={"scale": 0.8}), "scale 1.25": dict(spatial={"scale": 1.25}),
         "noise var 0.1": dict(intensity=lambda x: x + 0.1 ** 0.5 * torch.randn_like(x)),
-        "gamma 0.7": dict(intensity=lambda x: ((x - x.min()) / (x.max() - x.min())) ** 0.7 * (x.max() - x.min()) + x.min()),
+        "gamma 0.7": dict(intensity=lambda x: ((x - x.min()) / (x.max() - x.min())) ** 0.7 * (x.max() - x.min())
+                          + x.min()),
         "contrast 1.25": dict(intensity=lambda x: (x - x.mean()) * 1.25 + x.mean()),
         "blur 3x3 mean": dict(intensity=lambda x: F.avg_pool2d(x, 3, 1, 1)),
         "low-res 0.5": dict(intensity=lambda x: F.interpolate(F.interpolate(x, scale_factor=0.5, mode="nearest"),
                                                               size=x.shape[2:], mode="bilinear")),
     }
     files = sorted(glob.glob(f"{raw}/imagesTr/*.nii.gz"))
-    results = {name: [] for name in transforms}
-    # standardised per channel with the clean embeddings' statistics, as the network does (embedding_norm)
-    cleans = []
+    slices = []
     for f in files:
         x = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(f)).astype("float32"))[None, None, 0]
         x = F.interpolate(x, size=(192, 192), mode="area")
-        cleans.append(encoder((x - x.mean()) / x.std()))
+        slices.append((x - x.mean()) / x.std())  # z-scored like nnU-Net (unit-range rescales per slice anyway)
+    cleans = [encoder(x) for x in slices]
+    # standardised per channel with the clean embeddings' statistics, as the network does (embedding_norm)
     stacked = torch.cat(cleans)
     mean, std = stacked.mean(dim=(0, 2, 3), keepdim=True), stacked.std(dim=(0, 2, 3), keepdim=True)
-    standardise = lambda e: (e - mean) / std
-    for f in files:
-        x = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(f)).astype("float32"))[None, None, 0]
-        x = F.interpolate(x, size=(192, 192), mode="area")
-        x = (x - x.mean()) / x.std()  # z-scored like nnU-Net (unit-range rescales per slice anyway)
-        clean = encoder(x)
+
+    def standardise(embedding):
+        return (embedding - mean) / std
+
+    results = {name: [] for name in transforms}
+    for x, clean in zip(slices, cleans):
         for name, t in transforms.items():
             if "spatial" in t:
                 xt = affine(x, **t["spatial"])
@@ -66,7 +67,7 @@ if __name__ == "__main__":
                 xt, expected = t["intensity"](x), clean
                 ones = torch.ones(clean.shape[2:], dtype=torch.bool)
             results[name].append(cos(standardise(encoder(xt)), standardise(expected), ones))
-    print(f"encoder litemedsam {'pretrained' if pretrained else 'random'}; cosine of standardised encoder(T(x)) vs T(encoder(x)), "
-          f"{len(files)} slices")
+    print(f"encoder litemedsam {'pretrained' if pretrained else 'random'}; "
+          f"cosine of standardised encoder(T(x)) vs T(encoder(x)), {len(files)} slices")
     for name, values in results.items():
         print(f"{name:>15}: " + " ".join(f"{v:.3f}" for v in values) + f"   mean {sum(values) / len(values):.3f}")

@@ -30,7 +30,8 @@ def forward(self, x):
                 r, c = rec[b][:, m], cache[b][:, m]
                 records.append({"cos": float((r * c).sum() / (r.norm() * c.norm()).clamp_min(1e-8)),
                                 "rel_l2": float((r - c).norm() / c.norm().clamp_min(1e-8)),
-                                "rms_diff": float((r - c).pow(2).mean().sqrt()), "rms_cache": float(c.pow(2).mean().sqrt()),
+                                "rms_diff": float((r - c).pow(2).mean().sqrt()),
+                                "rms_cache": float(c.pow(2).mean().sqrt()),
                                 "inside": float(m.float().mean())})
         return self.decoder(skips, rec)
     return original_forward(self, x)
