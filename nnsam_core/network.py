@@ -250,8 +250,9 @@ class EmbeddingBank:
                    mirrors: Optional[Sequence[tuple[bool, bool]]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings of ``keys`` (0: padding, zeros) on ``device`` and, per key, the (2, 2) map from normalised
         (x, y) slice positions to the embedding's (on the CPU). ``draw_variant``: for slices with augmented
-        copies, one of the clean embedding and the copies', drawn uniformly per key. ``mirrors``: per key, (rows, columns) mirrored: the
-        embedding of the slice mirrored so instead (it must be held; no variant is drawn then)."""
+        copies, one of the clean embedding and the copies', drawn uniformly per key. ``mirrors``: per key,
+        (rows, columns) mirrored: the embedding of the slice mirrored so instead (it must be held; no variant is
+        drawn then)."""
         keys = [int(k) for k in keys]
         self.warm([k for k in keys if k > 0])
         out, maps = [], []
