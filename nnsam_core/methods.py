@@ -17,6 +17,13 @@ def check_embedding_variants(count: int, option: str = "--embedding-variants") -
         from .errors import NNSAMError
         raise NNSAMError(f"{option} must be 0 to {MAX_EMBEDDING_VARIANTS}, not {count}")
 
+
+def check_recompute_share(share: float) -> None:
+    """The one-line error for a --recompute-share outside 0 to 1."""
+    if not 0.0 <= share <= 1.0:  # also false for nan
+        from .errors import NNSAMError
+        raise NNSAMError(f"--recompute-share must be 0 to 1 (a share of the training steps), not {share:g}")
+
 METHOD_HELP = ("nnsam; nnunet (no SAM branch, same pipeline); nnsam-random (random frozen encoder, the control for "
                "pretrained features); nnsam-recomputed (embeddings recomputed on every patch at every training "
                "step, as the authors' code does: the embedding cache's accuracy reference; slow)")

@@ -35,6 +35,11 @@ nnU-Net's own ranges), each with the map from slice positions to its own; traini
 intensity variants and samples the drawn copy's embedding where the patch's pixels lie in it (the clean slice's
 embedding where the copy does not reach).
 
+None of these fixed sets of extra embeddings closes the gap between the cache and recomputing at 192x192 (about
+4 Dice points on CHD). With ``recompute_share = p`` a share p of the training steps, drawn at random, runs the
+encoder on the augmented patches as recomputing does, and the rest sample the cache: fresh embeddings at that share
+of recomputing's encoder cost.
+
 Every embedding the bank hands out comes with that map, a 2x2 matrix acting on normalised (x=column, y=row)
 slice positions: identity for the clean slice and intensity variants, a sign flip for a mirror image.
 """
@@ -86,6 +91,10 @@ class NNSAMConfig:
     # "cached" only: embeddings of this many rotated and scaled copies of each training slice, drawn from in
     # training beside the clean one and the intensity variants (0: none).
     embedding_views: int = 0
+    # "cached" only: the share of training steps (0 to 1, drawn per step) that run the encoder on the augmented
+    # patches, as "recomputed" does at every step; the others sample the cache. Costs that share of recomputing's
+    # encoder time (docs/benchmarks/chd_partial_recompute_cpu192_q1000).
+    recompute_share: float = 0.0
 
     def __post_init__(self):
         if self.embeddings not in EMBEDDING_MODES:
@@ -93,6 +102,8 @@ class NNSAMConfig:
         for field in ("embedding_variants", "embedding_views"):
             if not 0 <= int(getattr(self, field)) <= MAX_EMBEDDING_VARIANTS:
                 raise ValueError(f"{field} must be 0 to {MAX_EMBEDDING_VARIANTS}, not {getattr(self, field)}")
+        if not 0.0 <= float(self.recompute_share) <= 1.0:
+            raise ValueError(f"recompute_share must be 0 to 1, not {self.recompute_share}")
         if self.sam_input is None:
             object.__setattr__(self, "sam_input", get_spec(self.encoder).input_preparation)
 
@@ -356,6 +367,8 @@ class NNSAMNet(nn.Module):
         self.register_buffer("embedding_mean", torch.zeros(EMBEDDING_CHANNELS))
         self.register_buffer("embedding_std", torch.ones(EMBEDDING_CHANNELS))
         object.__setattr__(self, "sam_bank", None)
+        # Set by the trainer for the steps a recompute_share sends down the recomputed path.
+        self.recompute_this_step = False
 
     def attach_bank(self, bank: Optional[EmbeddingBank]) -> None:
         object.__setattr__(self, "sam_bank", bank)
@@ -437,7 +450,8 @@ class NNSAMNet(nn.Module):
         image, grid = x[:, :-GRID_CHANNELS], x[:, -GRID_CHANNELS:]
         skips = self.encoder(image)
         size = skips[self.inject_skip].shape[2:]
-        if self.training and self.config_dict.get("embeddings", "cached") == "recomputed":
+        recompute = self.config_dict.get("embeddings", "cached") == "recomputed" or self.recompute_this_step
+        if self.training and recompute:
             sam = self.recomputed_sam_features(image, grid, size)
         else:
             sam = self.sam_features(grid, size)

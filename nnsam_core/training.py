@@ -220,6 +220,7 @@ class nnUNetTrainerNNSAM(nnUNetTrainerFewShot):
         self.dataset_class = grid_dataset_class(self.preprocessed_dataset_folder)
         self.sam_encoder = None
         self.embedding_bank: Optional[EmbeddingBank] = None
+        self.recomputed_steps = 0  # steps a recompute_share sent down the recomputed path
 
     def get_dataloaders(self):
         self.dataset_class = grid_dataset_class(self.preprocessed_dataset_folder)
@@ -298,6 +299,25 @@ class nnUNetTrainerNNSAM(nnUNetTrainerFewShot):
         if views:
             rotation = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[0]
             bank.warm_views(keys, views, tuple(float(r) for r in rotation), VIEW_SCALING)
+
+    def train_step(self, batch: dict) -> dict:
+        share = float(self.nnsam_config.recompute_share)
+        if share <= 0.0 or self.nnsam_config.embeddings == "recomputed":
+            return super().train_step(batch)
+        # One draw per step from torch's generator (seeded by the run): which steps recompute is reproducible.
+        network = self._network_module()
+        network.recompute_this_step = float(torch.rand(())) < share
+        self.recomputed_steps += int(network.recompute_this_step)
+        try:
+            return super().train_step(batch)
+        finally:
+            network.recompute_this_step = False
+
+    def on_train_end(self):
+        if self.nnsam_config.recompute_share > 0.0 and self.nnsam_config.embeddings == "cached":
+            self.print_to_log_file(f"recompute share {self.nnsam_config.recompute_share}: {self.recomputed_steps} "
+                                   f"steps recomputed of {self._steps_done - self._steps_at_start} in this run")
+        super().on_train_end()
 
     def on_train_start(self):
         super().on_train_start()

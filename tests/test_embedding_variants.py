@@ -1,6 +1,7 @@
 """Embedding variants (the cache's embeddings of intensity-augmented copies of each training slice, made once with
 nnU-Net's own intensity augmentations) and mirror embeddings (mirrored patches sample the mirrored slice's
-embedding): both made before training, used in training only."""
+embedding): both made before training, used in training only. Also how the cache's options, partial recomputing
+included, reach `nnsam train` and `nnsam benchmark`."""
 
 from __future__ import annotations
 
@@ -136,6 +137,8 @@ def test_fine_tune_with_variants_embeds_each_slice_k_times_and_draws_them_in_tra
     (["--method", "nnsam-recomputed"], {"embedding_variants": 0, "embeddings": "recomputed"}),
     (["--mirror-embeddings"], {"mirror_embeddings": True, "embeddings": "cached"}),
     (["--embedding-views", "4"], {"embedding_views": 4, "embedding_variants": 0, "embeddings": "cached"}),
+    (["--recompute-share", "0.25"], {"recompute_share": 0.25, "embeddings": "cached"}),
+    (["--recompute-share", "0.25", "--method", "nnsam-random"], {"recompute_share": 0.25, "pretrained": False}),
 ])
 def test_train_command_passes_the_sam_branch_it_was_given(chest_ct, tmp_path, monkeypatch, argv, expected):
     import nnsam_core.finetune as finetune
@@ -160,6 +163,10 @@ def test_train_command_passes_the_sam_branch_it_was_given(chest_ct, tmp_path, mo
     (["--mirror-embeddings", "--method", "nnunet"], "--mirror-embeddings applies to cached embeddings"),
     (["--embedding-views", "65"], "--embedding-views must be 0 to 64"),
     (["--embedding-views", "2", "--method", "nnsam-recomputed"], "--embedding-views applies to cached embeddings"),
+    (["--recompute-share", "1.5"], "--recompute-share must be 0 to 1"),
+    (["--recompute-share", "nan"], "--recompute-share must be 0 to 1"),
+    (["--recompute-share", "0.5", "--method", "nnsam-recomputed"], "--recompute-share applies to cached embeddings"),
+    (["--recompute-share", "0.5", "--method", "nnunet"], "--recompute-share applies to cached embeddings"),
 ])
 def test_train_command_refuses_variants_it_cannot_use(chest_ct, tmp_path, capsys, argv, message):
     from nnsam_core.cli import main
@@ -170,26 +177,26 @@ def test_train_command_refuses_variants_it_cannot_use(chest_ct, tmp_path, capsys
     assert not (tmp_path / "m").exists()
 
 
-def test_variants_are_a_setting_of_the_nnsam_methods_in_benchmarks():
+@pytest.mark.parametrize("field, value, described", [
+    ("embedding_variants", 8, "8 intensity-augmented embedding variants per training slice"),
+    ("mirror_embeddings", True, "mirrored patches sample the mirrored slice's embedding"),
+    ("recompute_share", 0.25, "embeddings recomputed at a share 0.25 of the training steps"),
+])
+def test_cache_options_are_settings_of_the_nnsam_methods_in_benchmarks(field, value, described):
     from nnsam_core.benchmark.report import _sam_branch
     from nnsam_core.benchmark.runner import Settings
 
     settings = Settings(protocol="slices", dataset="d")
-    assert "embedding_variants" not in settings.comparable()   # folders written before the setting still match
-    settings.embedding_variants = 8
-    assert settings.comparable()["embedding_variants"] == 8
-    assert settings.nnsam_config("nnsam").embedding_variants == 8
+    assert field not in settings.comparable()                  # folders written before the setting still match
+    setattr(settings, field, value)
+    assert settings.comparable()[field] == value
+    assert getattr(settings.nnsam_config("nnsam"), field) == value
     assert settings.nnsam_config("nnunet") is None
     runs = [{"method": "nnsam", "nnsam_config": settings.nnsam_config("nnsam").as_dict()},
             {"method": "nnsam-recomputed", "nnsam_config": settings.nnsam_config("nnsam-recomputed").as_dict()}]
-    assert "8 intensity-augmented embedding variants per training slice" in _sam_branch(runs)
-    assert "variants" not in _sam_branch([{"method": "nnsam", "nnsam_config": NNSAMConfig().as_dict()}])
-    assert "mirror_embeddings" not in settings.comparable()
-    settings.mirror_embeddings = True
-    assert settings.comparable()["mirror_embeddings"] is True
-    assert settings.nnsam_config("nnsam").mirror_embeddings is True
-    runs = [{"method": "nnsam", "nnsam_config": settings.nnsam_config("nnsam").as_dict()}]
-    assert "mirrored patches sample the mirrored slice's embedding" in _sam_branch(runs)
+    assert described in _sam_branch(runs)
+    assert described not in _sam_branch([{"method": "nnsam", "nnsam_config": NNSAMConfig().as_dict()}])
+    assert described not in _sam_branch(runs[1:])             # recomputing every step has no cache to describe
 
 
 def test_too_many_variant_embeddings_are_refused_before_any_is_made():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..errors import NNSAMError
-from ..methods import INJECT_STRIDES, METHOD_HELP, METHODS, SAM_INPUTS, check_embedding_variants
+from ..methods import (INJECT_STRIDES, METHOD_HELP, METHODS, SAM_INPUTS, check_embedding_variants,
+                       check_recompute_share)
 
 DESCRIPTION = """\
 Compare nnSAM with nnU-Net (and, as a control, nnSAM with a random frozen encoder) when few slices are annotated.
@@ -74,6 +75,9 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
                         "slice (default: 0)")
     parser.add_argument("--mirror-embeddings", action="store_const", const=True,
                         help="nnsam methods: a mirrored training patch samples the embedding of the mirrored slice")
+    parser.add_argument("--recompute-share", type=float, metavar="P",
+                        help="nnsam methods with cached embeddings run the encoder on the augmented patches at a "
+                        "random share P of the training steps (default: 0, the cache at every step)")
     parser.add_argument("--preset", choices=("quick", "full"), default="quick",
                         help="training schedule of every run (quick: 1000 iterations; full: the paper's)")
     parser.add_argument("--iterations", type=int, metavar="N", help="override the preset's iteration count")
@@ -112,6 +116,8 @@ def run_benchmark_command(args) -> int:
     for option, count in (("--embedding-variants", args.embedding_variants), ("--embedding-views", args.embedding_views)):
         if count is not None:
             check_embedding_variants(count, option)
+    if args.recompute_share is not None:
+        check_recompute_share(args.recompute_share)
     dataset = Path(args.dataset)
     if not dataset.is_dir():
         raise NNSAMError(f"dataset folder {dataset} does not exist; give an nnU-Net raw dataset folder")
@@ -122,7 +128,7 @@ def run_benchmark_command(args) -> int:
                         test_fraction=args.test_fraction if not args.in_volume else None, device=args.device,
                         sam_input=args.sam_input, inject_stride=args.inject_stride,
                         embedding_variants=args.embedding_variants, mirror_embeddings=args.mirror_embeddings,
-                        embedding_views=args.embedding_views)
+                        embedding_views=args.embedding_views, recompute_share=args.recompute_share)
     plan = Plan(settings=settings, methods=list(dict.fromkeys(args.methods)),
                 sizes=sorted(set(args.sizes)) if not args.in_volume else [],
                 annotated=sorted(set(args.annotated)) if args.in_volume else [],

@@ -72,10 +72,12 @@ class Settings:
     embedding_variants: Optional[int] = None  # augmented embeddings per training slice; None: the trainer's (0)
     mirror_embeddings: Optional[bool] = None  # mirrored patches sample the mirrored slice's; None: the trainer's
     embedding_views: Optional[int] = None  # rotated/scaled copies' embeddings per training slice; None: the trainer's
+    recompute_share: Optional[float] = None  # share of training steps recomputing; None: the trainer's (0)
 
     # Settings that change only the SAM branch; left unset they are not compared, so report folders written
     # before a setting existed still accept runs.
-    SAM_BRANCH_FIELDS = ("sam_input", "inject_stride", "embedding_variants", "mirror_embeddings", "embedding_views")
+    SAM_BRANCH_FIELDS = ("sam_input", "inject_stride", "embedding_variants", "mirror_embeddings", "embedding_views",
+                         "recompute_share")
 
     def comparable(self) -> dict:
         data = asdict(self)
