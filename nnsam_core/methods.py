@@ -24,6 +24,7 @@ def check_recompute_share(share: float) -> None:
         from .errors import NNSAMError
         raise NNSAMError(f"--recompute-share must be 0 to 1 (a share of the training steps), not {share:g}")
 
+
 METHOD_HELP = ("nnsam; nnunet (no SAM branch, same pipeline); nnsam-random (random frozen encoder, the control for "
                "pretrained features); nnsam-recomputed (embeddings recomputed on every patch at every training "
                "step, as the authors' code does: the embedding cache's accuracy reference; slow)")

@@ -300,9 +300,15 @@ class nnUNetTrainerNNSAM(nnUNetTrainerFewShot):
             rotation = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[0]
             bank.warm_views(keys, views, tuple(float(r) for r in rotation), VIEW_SCALING)
 
+    @property
+    def partial_recompute_share(self) -> float:
+        """The share of steps that recompute while the others use the cache (0 when every step does one thing)."""
+        config = self.nnsam_config
+        return float(config.recompute_share) if config.embeddings == "cached" else 0.0
+
     def train_step(self, batch: dict) -> dict:
-        share = float(self.nnsam_config.recompute_share)
-        if share <= 0.0 or self.nnsam_config.embeddings == "recomputed":
+        share = self.partial_recompute_share
+        if share <= 0.0:
             return super().train_step(batch)
         # One draw per step from torch's generator (seeded by the run): which steps recompute is reproducible.
         network = self._network_module()
@@ -314,8 +320,8 @@ class nnUNetTrainerNNSAM(nnUNetTrainerFewShot):
             network.recompute_this_step = False
 
     def on_train_end(self):
-        if self.nnsam_config.recompute_share > 0.0 and self.nnsam_config.embeddings == "cached":
-            self.print_to_log_file(f"recompute share {self.nnsam_config.recompute_share}: {self.recomputed_steps} "
+        if self.partial_recompute_share > 0.0:
+            self.print_to_log_file(f"recompute share {self.partial_recompute_share:g}: {self.recomputed_steps} "
                                    f"steps recomputed of {self._steps_done - self._steps_at_start} in this run")
         super().on_train_end()
 
