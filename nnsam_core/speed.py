@@ -9,8 +9,13 @@ Four measurements, each printed in one table (and, with ``--json``, written as J
    ``train_step_ratio`` = nnSAM / nnU-Net. Each trainer's own data loading + augmentation is timed beside it
    (``iteration_ratio`` counts both). Encoder calls made during the timed iterations are counted (expected 0:
    the embedding bank is filled once, before training).
+   With ``--recompute-share P`` (nnSAM recomputing the embeddings at a random share P of its steps, the rest from
+   the cache) both of nnSAM's steps are timed on every batch, the cached one and the recomputing one, and nnSAM's
+   step is their mix in the long run, ``(1 - P) x cached + P x recomputing``: what a training run averages to,
+   without the noise of drawing which few timed steps recompute. ``train_step_ratio`` is then that step's ratio.
 2. **Encoder calls per segmented slice** (expected 1: one per slice, reused by every tile and mirror).
-3. **Time-to-segmentation**: ``fine_tune`` with the quick preset on 4 annotated slices of a ``size x size x N``
+3. **Time-to-segmentation**: ``fine_tune`` with the quick preset (and the ``--recompute-share``, if given) on 4
+   annotated slices of a ``size x size x N``
    volume, then :class:`~nnsam_core.predict.Segmenter` on every slice. Training and segmentation are timed
    separately; with ``--iterations`` (a shorter run) the quick preset's training time is also extrapolated from
    the measured time per iteration.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -228,9 +234,11 @@ def _clone_batch(batch: dict, channels: Optional[slice] = None) -> dict:
 
 
 def measure_training_iteration(workspace, device, steps: int, warmup: int, seed: int = 0,
-                               da_workers: Optional[int] = None, compare_recomputed: bool = False) -> dict:
+                               da_workers: Optional[int] = None, compare_recomputed: bool = False,
+                               recompute_share: float = 0.0) -> dict:
     """Interleaved, same-batch train steps of nnU-Net and nnSAM; see the module docstring.
-    ``compare_recomputed`` also times nnSAM recomputing the embeddings every step (the authors' way)."""
+    ``compare_recomputed`` also times nnSAM recomputing the embeddings every step (the authors' way);
+    ``recompute_share`` > 0 does too, and gives nnSAM's step as the mix of the two at that share."""
     from .network import GRID_CHANNELS
     from .training import nnUNetTrainerFewShot, nnUNetTrainerNNSAM, nnUNetTrainerNNSAMRecomputed
     from .workspace import nnunet_output_to_stderr, scoped_environ
@@ -251,7 +259,8 @@ def measure_training_iteration(workspace, device, steps: int, warmup: int, seed:
             t1 = time.perf_counter()
             sam = build(nnUNetTrainerNNSAM)
             t2 = time.perf_counter()
-            recomputed = build(nnUNetTrainerNNSAMRecomputed) if compare_recomputed else None
+            timing_recomputed = compare_recomputed or recompute_share > 0.0
+            recomputed = build(nnUNetTrainerNNSAMRecomputed) if timing_recomputed else None
             bank = sam.embedding_bank
             bank_fill_calls = bank.encoder_calls
             times = {"nnunet_step": [], "nnsam_step": [], "nnunet_data": [], "nnsam_data": []}
@@ -302,6 +311,14 @@ def measure_training_iteration(workspace, device, steps: int, warmup: int, seed:
         extra = {"recomputed_step_s": med["recomputed_step"],
                  "recomputed_step_ratio": med["recomputed_step"] / med["nnunet_step"],
                  "recomputed_encoder_calls_per_train_iteration": recomputed_calls / max(1, steps)}
+    if recompute_share > 0.0:
+        # A run draws recomputing at this share of its steps: in the long run its step costs the mix of the two.
+        mixed = (1.0 - recompute_share) * med["nnsam_step"] + recompute_share * med["recomputed_step"]
+        extra.update({"recompute_share": recompute_share, "share_step_s": mixed,
+                      "share_step_ratio": mixed / med["nnunet_step"],
+                      "share_iteration_ratio": (mixed + med["nnsam_data"]) / (med["nnunet_step"] + med["nnunet_data"]),
+                      "share_encoder_calls_per_train_iteration":
+                          recompute_share * extra["recomputed_encoder_calls_per_train_iteration"]})
     return {
         "patch_size": patch,
         "batch_size": int(plain.batch_size),
@@ -337,9 +354,11 @@ def annotated_indices(n_slices: int, count: int = 4) -> list[int]:
 
 
 def measure_time_to_segmentation(root: Path, source: SliceSource, n_slices: int, device, iterations: Optional[int],
-                                 seed: int = 0, fallback_s_per_iteration: Optional[float] = None) -> dict:
+                                 seed: int = 0, fallback_s_per_iteration: Optional[float] = None,
+                                 recompute_share: float = 0.0) -> dict:
     from .finetune import PRESETS, fine_tune
     from .predict import Segmenter
+    from .training import config_of_trainer, nnUNetTrainerNNSAM
 
     image, labels = source.volume(n_slices)
     slices = annotated_indices(n_slices)
@@ -348,9 +367,12 @@ def measure_time_to_segmentation(root: Path, source: SliceSource, n_slices: int,
     def progress(event: dict) -> None:
         events.append((time.perf_counter(), event))
 
+    config = (dataclasses.replace(config_of_trainer(nnUNetTrainerNNSAM), recompute_share=recompute_share)
+              if recompute_share > 0.0 else None)  # None: nnsam train's default trainer, as a user runs it
     t0 = time.perf_counter()
     bundle = fine_tune(image, labels, output=root / "bundle", slices=slices, class_names=source.class_names,
-                       preset="quick", iterations=iterations, device=device.type, seed=seed, progress=progress)
+                       preset="quick", iterations=iterations, device=device.type, seed=seed, progress=progress,
+                       nnsam_config=config)
     t1 = time.perf_counter()
     train_total = t1 - t0
     total_iters = iterations or PRESETS["quick"]
@@ -393,6 +415,8 @@ def measure_time_to_segmentation(root: Path, source: SliceSource, n_slices: int,
         "batch_size": bundle.manifest["training"].get("batch_size"),
         "patch_size": bundle.manifest["training"].get("patch_size"),
         "max_size": bundle.manifest["training"].get("max_size"),  # the working-resolution cap fine_tune used
+        # what the bundle says it trained with (nnsam_config is None for the default trainer)
+        "recompute_share": float((bundle.manifest.get("nnsam_config") or {}).get("recompute_share", 0.0)),
         "train_s": train_total,
         "train_setup_s": setup,                 # reading, planning, preprocessing (before the embedding bank)
         "train_s_per_iteration": per_iter,
@@ -498,21 +522,43 @@ def time_to_segmentation_target(volume: Sequence[int], device: str) -> tuple[flo
     return TARGETS["time_to_segmentation_min_64_slices_cpu"], list(volume) == [512, 512, 64] and device == "cpu"
 
 
+def headline_train_step_ratio(training_iteration: dict) -> float:
+    """nnSAM's step over nnU-Net's as configured: the share's mix when a recompute share was given."""
+    return training_iteration.get("share_step_ratio", training_iteration["train_step_ratio"])
+
+
 def format_table(r: dict) -> str:
     tr, ts, ram = r["training_iteration"], r.get("time_to_segmentation"), r.get("peak_ram")
     rows = [("measure", "value", "target", "verdict")]
     rows.append((f"nnU-Net train step (median of {tr['steps_timed']}, batch {tr['batch_size']}, patch "
                  f"{'x'.join(map(str, tr['patch_size']))})", _fmt(tr["nnunet_step_s"], " s"), "", ""))
-    rows.append(("nnSAM train step (same batch)", _fmt(tr["nnsam_step_s"], " s"), "", ""))
-    rows.append(("train_step_ratio nnSAM/nnU-Net", _fmt(tr["train_step_ratio"]), f"<= {TARGETS['train_step_ratio']}",
-                 _verdict(tr["train_step_ratio"], TARGETS["train_step_ratio"])))
+    share = tr.get("recompute_share", 0.0)
+    if share:
+        rows.append(("nnSAM train step, cached embeddings (same batch)", _fmt(tr["nnsam_step_s"], " s"), "", ""))
+        rows.append(("nnSAM train step, recomputing (same batch)", _fmt(tr["recomputed_step_s"], " s"), "", ""))
+        rows.append((f"nnSAM train step at recompute share {share:g} (mix of the two)", _fmt(tr["share_step_s"], " s"),
+                     "", ""))
+    else:
+        rows.append(("nnSAM train step (same batch)", _fmt(tr["nnsam_step_s"], " s"), "", ""))
+    ratio = headline_train_step_ratio(tr)
+    rows.append((f"train_step_ratio nnSAM/nnU-Net{f' (recompute share {share:g})' if share else ''}", _fmt(ratio),
+                 f"<= {TARGETS['train_step_ratio']}", _verdict(ratio, TARGETS["train_step_ratio"])))
+    if share:
+        rows.append(("  cached steps only / recomputing every step",
+                     f"{_fmt(tr['train_step_ratio'])} / {_fmt(tr['recomputed_step_ratio'])}", "", ""))
     rows.append(("data loading+augmentation nnU-Net / nnSAM",
                  f"{_fmt(tr['nnunet_data_s'], ' s')} / {_fmt(tr['nnsam_data_s'], ' s')}", "", ""))
-    rows.append(("iteration ratio incl. data loading", _fmt(tr["iteration_ratio"]), "", ""))
-    rows.append(("encoder calls per training iteration", _fmt(tr["encoder_calls_per_train_iteration"]), "0",
-                 _verdict(tr["encoder_calls_per_train_iteration"], 0.0, exact=True)))
+    rows.append(("iteration ratio incl. data loading", _fmt(tr.get("share_iteration_ratio", tr["iteration_ratio"])),
+                 "", ""))
+    if share:  # the target of 0 is the cache's; a share recomputes on purpose
+        rows.append((f"encoder calls per training iteration (cached steps; share {share:g}: expected)",
+                     f"{_fmt(tr['encoder_calls_per_train_iteration'])} ({_fmt(tr['share_encoder_calls_per_train_iteration'])})",
+                     "", ""))
+    else:
+        rows.append(("encoder calls per training iteration", _fmt(tr["encoder_calls_per_train_iteration"]), "0",
+                     _verdict(tr["encoder_calls_per_train_iteration"], 0.0, exact=True)))
     rows.append((f"  (bank fill before training: {tr['bank_fill_encoder_calls']} calls)", "", "", ""))
-    if "recomputed_step_s" in tr:
+    if "recomputed_step_s" in tr and not share:
         rows.append(("for reference: nnSAM recomputing embeddings every step (authors' way)",
                      f"{_fmt(tr['recomputed_step_s'], ' s')} (ratio {_fmt(tr['recomputed_step_ratio'])}, "
                      f"{_fmt(tr['recomputed_encoder_calls_per_train_iteration'])} encoder calls)", "", ""))
@@ -521,8 +567,9 @@ def format_table(r: dict) -> str:
                      _verdict(ts["encoder_calls_per_segmented_slice"], 1.0, exact=True)))
         working = (f", patch {'x'.join(map(str, ts['patch_size']))} (max size {ts.get('max_size') or 'native'})"
                    if ts.get("patch_size") else "")
+        recomputing = f", recompute share {ts['recompute_share']:g}" if ts.get("recompute_share") else ""
         rows.append((f"fine-tune, {len(ts['annotated_slices'])} slices, {ts['iterations']} it, batch {ts['batch_size']}"
-                     f"{working}", _fmt(ts["train_s"] / 60, " min"), "", ""))
+                     f"{working}{recomputing}", _fmt(ts["train_s"] / 60, " min"), "", ""))
         rows.append(("  of which setup (read, plan, preprocess)", _fmt(ts["train_setup_s"] / 60, " min"), "", ""))
         rows.append(("  time per training iteration", _fmt(ts["train_s_per_iteration"], " s"), "", ""))
         rows.append((f"segment {'x'.join(map(str, ts['volume']))} ({_fmt(ts['segment_s_per_slice'], ' s')}/slice)",
@@ -578,12 +625,14 @@ def run_bench_speed(args) -> int:
     import torch
     from .devices import resolve_device
     from .errors import NNSAMError
+    from .methods import check_recompute_share
 
     device = resolve_device(args.device)
     if args.size < 32:
         raise NNSAMError("--size must be at least 32")
     if args.slices < 1 or args.steps < 1 or args.warmup < 0:
         raise NNSAMError("--slices and --steps must be at least 1, --warmup at least 0")
+    check_recompute_share(args.recompute_share)
     if args.work_dir:
         # A folder the user names for the scratch files is made on demand, like nnU-Net's output folders.
         try:
@@ -610,15 +659,17 @@ def run_bench_speed(args) -> int:
         say(f"timing {args.warmup} warm-up + {args.steps} interleaved training iterations per trainer")
         result["training_iteration"] = measure_training_iteration(workspace, device, args.steps, args.warmup,
                                                                   seed=args.seed, da_workers=args.da_workers,
-                                                                  compare_recomputed=args.compare_recomputed)
-        say(f"train_step_ratio {result['training_iteration']['train_step_ratio']:.3f}")
+                                                                  compare_recomputed=args.compare_recomputed,
+                                                                  recompute_share=args.recompute_share)
+        say(f"train_step_ratio {headline_train_step_ratio(result['training_iteration']):.3f}")
         if not args.skip_segmentation:
             say(f"time-to-segmentation: fine-tune on 4 of {n_slices} slices "
                 f"({args.iterations or QUICK_ITERATIONS} iterations), then segment every slice")
             tr = result["training_iteration"]
             result["time_to_segmentation"] = measure_time_to_segmentation(
                 root / "tts", source, n_slices, device, args.iterations, seed=args.seed,
-                fallback_s_per_iteration=tr["nnsam_step_s"] + tr["nnsam_data_s"])
+                fallback_s_per_iteration=tr.get("share_step_s", tr["nnsam_step_s"]) + tr["nnsam_data_s"],
+                recompute_share=args.recompute_share)
             if ram_counts:
                 say(f"peak RAM of segmenting {', '.join(map(str, ram_counts))} slices in fresh processes")
                 result["peak_ram"] = measure_peak_ram(result["time_to_segmentation"]["bundle"], ram_counts,
@@ -637,7 +688,7 @@ def run_bench_speed(args) -> int:
           f"({machine.get('gpu') or machine.get('cpu', '')}, {machine['cpu_count']} cores, "
           f"{machine['torch_threads']} torch threads), data: {source.description}")
     print(format_table(result))
-    print(f"train_step_ratio={result['training_iteration']['train_step_ratio']:.4f}", flush=True)
+    print(f"train_step_ratio={headline_train_step_ratio(result['training_iteration']):.4f}", flush=True)
     return 0
 
 
@@ -666,6 +717,10 @@ def add_bench_speed_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--skip-segmentation", action="store_true", help="only the training-iteration measurement")
     p.add_argument("--compare-recomputed", action="store_true",
                    help="also time nnSAM recomputing the embeddings on every step, as the authors' code does")
+    p.add_argument("--recompute-share", type=float, default=0.0, metavar="P",
+                   help="benchmark nnSAM recomputing the embeddings at a random share P (0 to 1) of its training "
+                   "steps, as nnsam train --recompute-share P: its step is timed as the mix of the cached and the "
+                   "recomputing step, and the time-to-segmentation run trains with it (default 0: the cache only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", help="parent folder of the temporary working folder (default: system temp)")
     p.add_argument("--keep-work-dir", action="store_true")

@@ -17,11 +17,12 @@ from nnsam_core.errors import NNSAMError
 from nnsam_core.speed import SliceSource, annotated_indices, format_table, parse_ram_volume_slices
 
 
-def test_bench_speed_tiny_end_to_end(tmp_path):
+@pytest.mark.parametrize("sam_option", [["--compare-recomputed"], ["--recompute-share", "0.5"]])
+def test_bench_speed_tiny_end_to_end(tmp_path, sam_option):
     out = tmp_path / "speed.json"
     cmd = [sys.executable, "-m", "nnsam_core.cli", "bench-speed", "--device", "cpu", "--size", "64",
            "--steps", "2", "--warmup", "0", "--slices", "2", "--iterations", "1", "--ram-volume-slices", "2",
-           "--compare-recomputed", "--json", str(out), "--work-dir", str(tmp_path / "scratch" / "new")]
+           *sam_option, "--json", str(out), "--work-dir", str(tmp_path / "scratch" / "new")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -31,8 +32,21 @@ def test_bench_speed_tiny_end_to_end(tmp_path):
 
     result = json.loads(out.read_text())
     ratio = float(lines[-1].split("=", 1)[1])
-    assert ratio == pytest.approx(result["training_iteration"]["train_step_ratio"], rel=1e-3)
     training = result["training_iteration"]
+    share = 0.5 if "--recompute-share" in sam_option else 0.0
+    if share:
+        # nnSAM's step is the long-run mix of its two measured steps, and the headline ratio is that step's
+        mixed = (1 - share) * training["nnsam_step_s"] + share * training["recomputed_step_s"]
+        assert training["share_step_s"] == pytest.approx(mixed)
+        assert ratio == pytest.approx(mixed / training["nnunet_step_s"], rel=1e-3)
+        assert training["share_encoder_calls_per_train_iteration"] == share * training["batch_size"]
+        assert training["share_iteration_ratio"] == pytest.approx(
+            (mixed + training["nnsam_data_s"]) / (training["nnunet_step_s"] + training["nnunet_data_s"]))
+        assert "recompute share 0.5" in proc.stdout
+    else:
+        assert "share_step_s" not in training
+        assert ratio == pytest.approx(training["train_step_ratio"], rel=1e-3)
+        assert "recomputing embeddings every step" in proc.stdout
     assert training["bank_fill_encoder_calls"] == 4          # the 4 training slices, once, before training
     assert training["encoder_calls_during_timed_iterations"] == 0
     assert training["encoder_calls_per_train_iteration"] == 0
@@ -40,8 +54,8 @@ def test_bench_speed_tiny_end_to_end(tmp_path):
     # the authors' way, timed for reference: one encoder call per patch of the batch, every step
     assert training["recomputed_encoder_calls_per_train_iteration"] == training["batch_size"]
     assert training["recomputed_step_s"] > 0
-    assert "recomputing embeddings every step" in proc.stdout
     tts = result["time_to_segmentation"]
+    assert tts["recompute_share"] == share  # read back from the bundle the fine-tune wrote
     assert tts["volume"] == [64, 64, 2]
     assert tts["encoder_calls_per_segmented_slice"] == 1
     ram = result["peak_ram"]["runs"]
@@ -104,6 +118,30 @@ def test_table_reports_targets():
                                      "encoder_calls_per_train_iteration": 0.0, "bank_fill_encoder_calls": 4}}
     table = format_table(result)
     assert "| train_step_ratio nnSAM/nnU-Net" in table and "met" in table and "MISSED" not in table
+
+
+def test_table_with_a_recompute_share_judges_the_mixed_step():
+    result = {"device": "cpu", "peak_rss_gb": {"self": 1.0, "children": 0.5},
+              "training_iteration": {"steps_timed": 3, "batch_size": 2, "patch_size": [512, 512],
+                                     "nnunet_step_s": 2.0, "nnsam_step_s": 2.1, "train_step_ratio": 1.05,
+                                     "recomputed_step_s": 6.1, "recomputed_step_ratio": 3.05,
+                                     "recompute_share": 0.25, "share_step_s": 3.1, "share_step_ratio": 1.55,
+                                     "share_encoder_calls_per_train_iteration": 0.5,
+                                     "recomputed_encoder_calls_per_train_iteration": 2.0,
+                                     "nnunet_data_s": 0.3, "nnsam_data_s": 0.35, "iteration_ratio": 1.06,
+                                     "encoder_calls_per_train_iteration": 0.0, "bank_fill_encoder_calls": 4}}
+    table = format_table(result)
+    ratio_row = next(line for line in table.splitlines() if line.startswith("| train_step_ratio"))
+    assert "recompute share 0.25" in ratio_row and "1.550" in ratio_row and "MISSED" in ratio_row
+    assert "1.050 / 3.050" in table  # the cached and the recomputing ratio stay visible
+
+
+def test_bench_speed_refuses_a_share_outside_0_to_1():
+    cmd = [sys.executable, "-m", "nnsam_core.cli", "bench-speed", "--device", "cpu", "--synthetic",
+           "--recompute-share", "1.5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and "--recompute-share" in proc.stderr, proc.stderr
 
 
 def test_bench_speed_is_registered():
