@@ -12,7 +12,8 @@ Four measurements, each printed in one table (and, with ``--json``, written as J
    With ``--recompute-share P`` (nnSAM recomputing the embeddings at a random share P of its steps, the rest from
    the cache) both of nnSAM's steps are timed on every batch, the cached one and the recomputing one, and nnSAM's
    step is their mix in the long run, ``(1 - P) x cached + P x recomputing``: what a training run averages to,
-   without the noise of drawing which few timed steps recompute. ``train_step_ratio`` is then that step's ratio.
+   without the noise of drawing which few timed steps recompute. The printed ``train_step_ratio`` and its verdict
+   are then that step's ratio (``share_step_ratio`` in the JSON, beside the cached steps' ``train_step_ratio``).
 2. **Encoder calls per segmented slice** (expected 1: one per slice, reused by every tile and mirror).
 3. **Time-to-segmentation**: ``fine_tune`` with the quick preset (and the ``--recompute-share``, if given) on 4
    annotated slices of a ``size x size x N``
