@@ -19,7 +19,8 @@ from slicer.util import VTKObservationMixin
 
 from NNSAMSegmentLib.Bundles import BundleInfo, BundleStore
 from NNSAMSegmentLib.Devices import DETECTION_SCRIPT, deviceChoices, parseDetectionOutput
-from NNSAMSegmentLib.EngineCommands import DEFAULT_ENCODER, ENCODERS, PRESETS, EngineCommandBuilder, TrainOptions
+from NNSAMSegmentLib.EngineCommands import (DEFAULT_ENCODER, DEFAULT_RECOMPUTE_SHARE, ENCODERS, PRESETS,
+                                            RECOMPUTE_SHARES, EngineCommandBuilder, TrainOptions)
 from NNSAMSegmentLib.EngineJob import JobState
 from NNSAMSegmentLib.Errors import UserError
 from NNSAMSegmentLib.FineTuneResume import mayReplaceResumable
@@ -114,6 +115,9 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for preset in PRESETS:
             self.ui.presetComboBox.addItem(preset, preset)
         self.ui.presetComboBox.setCurrentIndex(PRESETS.index(memory.preset))
+        for share in RECOMPUTE_SHARES:
+            self.ui.recomputeShareComboBox.addItem(self._recomputeShareLabel(share), f"{share:g}")
+        self.ui.recomputeShareComboBox.setCurrentIndex(RECOMPUTE_SHARES.index(memory.recomputeShare))
         self._fillDeviceComboBox(["cpu"])
         self._detectDevices()
         self.ui.newSegmentationRadioButton.checked = memory.resultTarget == "new"
@@ -133,6 +137,7 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.createCardiacSegmentsButton.connect("clicked(bool)", lambda checked: self._guard(self.onCreateSegments))
         self.ui.encoderComboBox.connect("currentIndexChanged(int)", self.onEncoderChanged)
         self.ui.presetComboBox.connect("currentIndexChanged(int)", self.onPresetChanged)
+        self.ui.recomputeShareComboBox.connect("currentIndexChanged(int)", self.onRecomputeShareChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.fillAnnotationsRadioButton.connect("toggled(bool)", self.onResultTargetChanged)
         self.ui.downloadWeightsButton.connect("clicked(bool)", lambda checked: self._guard(self.onDownloadWeights))
@@ -227,6 +232,15 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         value = comboBox.itemData(comboBox.currentIndex)
         return str(value) if value else default
 
+    def _recomputeShare(self) -> float:
+        return float(self._choice(self.ui.recomputeShareComboBox, f"{DEFAULT_RECOMPUTE_SHARE:g}"))
+
+    @staticmethod
+    def _recomputeShareLabel(share: float) -> str:
+        labels = {0.0: _("never: cached embeddings (fastest)"), 0.1: _("1 training step in 10"),
+                  0.25: _("1 training step in 4"), 1.0: _("every training step (slowest)")}
+        return labels.get(share, f"{share:g}")
+
     def _ensureDependencies(self) -> bool:
         installLogic = self.logic.installLogic
         installLogic.log = self.appendLog
@@ -299,6 +313,9 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPresetChanged(self, index=None) -> None:
         self.logic.workflow.memory.preset = self._choice(self.ui.presetComboBox, "quick")
+
+    def onRecomputeShareChanged(self, index=None) -> None:
+        self.logic.workflow.memory.recomputeShare = self._recomputeShare()
 
     def onDeviceChanged(self, index=None) -> None:
         if self.ui.deviceComboBox.count:
@@ -394,7 +411,8 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _trainOptions(self) -> TrainOptions:
         return TrainOptions(encoder=self._choice(self.ui.encoderComboBox, DEFAULT_ENCODER),
                             preset=self._choice(self.ui.presetComboBox, "quick"),
-                            device=self._choice(self.ui.deviceComboBox, "auto"))
+                            device=self._choice(self.ui.deviceComboBox, "auto"),
+                            recomputeShare=self._recomputeShare())
 
     def onFineTune(self) -> None:
         options = self._trainOptions()

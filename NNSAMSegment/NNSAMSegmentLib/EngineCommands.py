@@ -25,6 +25,12 @@ ENGINE_MODULE = "nnsam_core.cli"
 # writes one every tenth of the run: hours of a full run). A Stop then loses at most one epoch: seconds to a few
 # minutes on a GPU.
 CHECKPOINT_EVERY = {"quick": 25, "full": 250}
+# Share of the training steps that run the SAM encoder on the augmented patch instead of using the cached embedding
+# (the engine's --recompute-share): the panel's speed/accuracy choice. On CHD at a CPU's 192 px the cache was about
+# 4 Dice points below recomputing every step, and a quarter share recovered that for 1.5x the cache's iteration time
+# on a 2-core CPU (docs/benchmarks/chd_guard_cpu192_q1000, docs/speed/cpu.md). 0 is the engine's default.
+RECOMPUTE_SHARES = (0.0, 0.1, 0.25, 1.0)
+DEFAULT_RECOMPUTE_SHARE = 0.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class TrainOptions:
     seed: Optional[int] = None
     resume: bool = False
     checkpointEvery: Optional[int] = None  # iterations between resumable checkpoints (None: the engine's default)
+    recomputeShare: Optional[float] = None  # share of steps with fresh embeddings (None: the engine's default)
 
     def validate(self) -> None:
         _checkChoice("encoder", self.encoder, ENCODERS)
@@ -60,6 +67,25 @@ class TrainOptions:
         if self.checkpointEvery is not None and _asCount(self.checkpointEvery) < 1:
             raise UserError("The checkpoint interval must be a whole number of 1 or more iterations, not "
                             f"{self.checkpointEvery}.")
+        if self.recomputeShare is not None:
+            share = _asShare(self.recomputeShare)
+            if share is None:
+                raise UserError("The share of training steps with fresh embeddings must be a number from 0 to 1, "
+                                f"not {self.recomputeShare}.")
+            if share > 0 and self.method == "nnunet":
+                raise UserError("Fresh embeddings apply to nnSAM's SAM encoder, which method nnunet does not have; "
+                                "choose cached embeddings or another method.")
+
+
+def _asShare(value) -> Optional[float]:
+    """The float value of a number from 0 to 1, or None for anything else (bools, text, NaN, out of range)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        return None
+    return share if 0.0 <= share <= 1.0 else None
 
 
 def _asCount(value) -> int:
@@ -140,6 +166,8 @@ class EngineCommandBuilder:
             args += ["--seed", int(options.seed)]
         if options.checkpointEvery is not None:
             args += ["--checkpoint-every", int(options.checkpointEvery)]
+        if options.recomputeShare is not None:
+            args += ["--recompute-share", f"{float(options.recomputeShare):g}"]
         if options.resume:
             args.append("--resume")
         args += ["--progress", self.progressFormat]

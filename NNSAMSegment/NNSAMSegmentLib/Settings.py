@@ -1,4 +1,5 @@
-"""Choices remembered between sessions: last bundle, encoder, preset, device, bundle folder, resumable fine-tune.
+"""Choices remembered between sessions: last bundle, encoder, preset, device, fresh-embedding share, bundle folder,
+resumable fine-tune.
 
 The store is anything with ``value(key, default)`` and ``setValue(key, value)``: ``qt.QSettings`` in Slicer
 (through :class:`QtSettingsStore`), a dict in tests.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Protocol
 
-from .EngineCommands import DEFAULT_ENCODER, DEVICES, ENCODERS, PRESETS
+from .EngineCommands import DEFAULT_ENCODER, DEFAULT_RECOMPUTE_SHARE, DEVICES, ENCODERS, PRESETS, RECOMPUTE_SHARES
 
 GROUP = "NNSAMSegment"
 
@@ -106,6 +107,20 @@ class ModelMemory:
     @device.setter
     def device(self, value: str) -> None:
         self._set("Device", value)
+
+    @property
+    def recomputeShare(self) -> float:
+        """Share of training steps with fresh embeddings: one of the panel's choices, else the default."""
+        stored = self._get("RecomputeShare", "")
+        try:
+            share = float(stored)
+        except ValueError:
+            return DEFAULT_RECOMPUTE_SHARE
+        return share if share in RECOMPUTE_SHARES else DEFAULT_RECOMPUTE_SHARE
+
+    @recomputeShare.setter
+    def recomputeShare(self, value: float) -> None:
+        self._set("RecomputeShare", f"{float(value):g}")
 
     @property
     def resultTarget(self) -> str:

@@ -214,7 +214,8 @@ as fully annotated.</li>
         self._removePreview()
         self._rememberChoices()
         memory = self._logic().workflow.memory
-        options = TrainOptions(encoder=memory.encoder, preset=memory.preset, device=memory.device)
+        options = TrainOptions(encoder=memory.encoder, preset=memory.preset, device=memory.device,
+                               recomputeShare=memory.recomputeShare)
         options.validate()
         self._ensureDependencies()
         job = self._logic().workflow.startFineTune(volumeNode, segmentationNode, options)

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+import nnsam_slicer_helpers  # noqa: F401 - puts the module's folder on sys.path (so the file runs alone)
 from NNSAMSegmentLib.Bundles import BundleInfo, BundleStore, placeBundle, safeName, timestampedName
 from NNSAMSegmentLib.Devices import DETECTION_SCRIPT, deviceChoices, parseDetectionOutput
 from NNSAMSegmentLib.EngineCommands import (EngineCommandBuilder, TrainOptions, validateClassNames,
@@ -27,6 +28,11 @@ def test_train_command_follows_the_engine_interface():
                             TrainOptions(checkpointEvery=25, resume=True))
     assert list(resumed.args[-7:]) == ["--device", "auto", "--checkpoint-every", "25", "--resume", "--progress",
                                       "json"]
+    fresh = builder.train("/j/image.nrrd", "/j/labels.nrrd", "/j/bundle", [12], ["LV"],
+                          TrainOptions(recomputeShare=0.25))
+    assert list(fresh.args[-5:]) == ["auto", "--recompute-share", "0.25", "--progress", "json"]
+    cached = builder.train("/j/image.nrrd", "/j/labels.nrrd", "/j/bundle", [12], ["LV"], TrainOptions(recomputeShare=0))
+    assert cached.args[cached.args.index("--recompute-share") + 1] == "0"
 
 
 def test_other_commands():
@@ -53,6 +59,12 @@ def test_other_commands():
     (TrainOptions(seed=-1), "seed"),
     (TrainOptions(checkpointEvery=0), "checkpoint interval"),
     (TrainOptions(checkpointEvery=2.5), "checkpoint interval"),
+    (TrainOptions(recomputeShare=1.5), "fresh embeddings must be a number from 0 to 1"),
+    (TrainOptions(recomputeShare=-0.1), "fresh embeddings must be a number from 0 to 1"),
+    (TrainOptions(recomputeShare=float("nan")), "fresh embeddings must be a number from 0 to 1"),
+    (TrainOptions(recomputeShare=True), "fresh embeddings must be a number from 0 to 1"),
+    (TrainOptions(recomputeShare="often"), "fresh embeddings must be a number from 0 to 1"),
+    (TrainOptions(method="nnunet", recomputeShare=0.25), "method nnunet does not have"),
 ])
 def test_bad_options_give_one_line_messages(options, message):
     with pytest.raises(UserError, match=message) as raised:
@@ -164,6 +176,12 @@ def test_model_memory_forgets_missing_bundles_and_bad_values(tmp_path):
     assert memory.lastBundlePath is None
     memory.preset = "full"
     assert store.value("NNSAMSegment/Preset") == "full" and memory.preset == "full"
+    assert memory.recomputeShare == 0.0  # nothing stored: the engine's default
+    memory.recomputeShare = 0.25
+    assert store.value("NNSAMSegment/RecomputeShare") == "0.25" and memory.recomputeShare == 0.25
+    for stored in ("0.3", "often", ""):  # not one of the panel's choices -> the default
+        store.setValue("NNSAMSegment/RecomputeShare", stored)
+        assert memory.recomputeShare == 0.0
     jobFolder = tmp_path / "job"
     jobFolder.mkdir()
     memory.resumableFineTunePath = str(jobFolder)
@@ -196,14 +214,16 @@ def test_commands_parse_with_the_real_engine_command_line():
         for method in ("nnsam", "nnunet", "nnsam-random"):
             for preset in ("quick", "full"):
                 for device in ("auto", "cpu", "cuda", "mps"):
+                    share = 0.0 if method == "nnunet" else 0.25
                     options = TrainOptions(encoder=encoder, method=method, preset=preset, device=device,
-                                           iterations=2, seed=5, resume=True, checkpointEvery=25)
+                                           iterations=2, seed=5, resume=True, checkpointEvery=25,
+                                           recomputeShare=share)
                     args = parse(builder.train("i.nrrd", "l.nrrd", "out", [40, 12], ["LV", "right lung"], options))
                     assert (args.verb, args.image, args.labels, args.output) == ("train", "i.nrrd", "l.nrrd", "out")
                     assert (args.slices, args.class_names) == ("12,40", "LV,right lung")
                     assert (args.encoder, args.method, args.preset, args.device) == (encoder, method, preset, device)
                     assert (args.iterations, args.seed, args.resume, args.progress) == (2, 5, True, "json")
-                    assert args.checkpoint_every == 25
+                    assert args.checkpoint_every == 25 and args.recompute_share == share
     args = parse(builder.predict("b", "i.nrrd", "o.nrrd", "cuda"))
     assert (args.verb, args.bundle, args.image, args.output, args.device, args.progress) == (
         "predict", "b", "i.nrrd", "o.nrrd", "cuda", "json")

@@ -53,7 +53,7 @@ FAKE_ENGINE = textwrap.dedent(r'''
     train.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     train.add_argument("--progress", choices=["text", "json"], default="text"); train.add_argument("--resume",
                                                                                                action="store_true")
-    train.add_argument("--checkpoint-every", type=int)
+    train.add_argument("--checkpoint-every", type=int); train.add_argument("--recompute-share", type=float)
     weights = verbs.add_parser("weights").add_subparsers(dest="action", required=True)
     status = weights.add_parser("status")
     status.add_argument("--json", action="store_true")
@@ -275,7 +275,7 @@ def _stoppedAfterCheckpoint(workflow, annotatedVolume, monkeypatch, tmp_path):
     """A fine-tune of 100 steps with a checkpoint every 2, stopped once a checkpoint of step 4 or later exists."""
     monkeypatch.setenv("FAKE_MODE", "slow")
     monkeypatch.setenv("FAKE_STEPS", "100")  # 10 s of training: the stop lands mid-way even on a loaded machine
-    job = workflow.startFineTune(*annotatedVolume, TrainOptions(checkpointEvery=2))
+    job = workflow.startFineTune(*annotatedVolume, TrainOptions(checkpointEvery=2, recomputeShare=0.25))
     _waitFor(lambda: _checkpointStep(job.jobDirectory) >= 4 and (tmp_path / "child.pid").exists(), job.runner)
     assert os.path.isdir(os.path.join(job.jobDirectory, "bundle.partial"))  # the engine is mid-way through
     job.stop()
@@ -338,8 +338,9 @@ def test_resume_runs_the_same_command_with_resume_in_the_same_folder(workflow, a
 
     assert job.state == JobState.SUCCEEDED, job.errorMessage
     first, resumed = _receivedArguments(tmp_path)
-    # Same inputs, same bundle path, same options; only --resume is new.
+    # Same inputs, same bundle path, same options (the fresh-embedding share too); only --resume is new.
     assert resumed.count("--resume") == 1 and [a for a in resumed if a != "--resume"] == first
+    assert resumed[resumed.index("--recompute-share") + 1] == "0.25"
     assert resumed[resumed.index("-o") + 1] == os.path.join(stopped.jobDirectory, "bundle")
     # The engine really continued after the checkpoint instead of starting over.
     assert (tmp_path / "first_step.log").read_text().split() == ["1", str(checkpointStep + 1)]

@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+import nnsam_slicer_helpers  # noqa: F401 - puts the module's folder on sys.path (so the file runs alone)
 from NNSAMSegmentLib.EngineCommands import ENCODERS
 from NNSAMSegmentLib.Errors import UserError
 from NNSAMSegmentLib.InstallLogic import (ENGINE_DISTRIBUTION, REQUIRED_MODULES, InstallLogic, constraintsText,

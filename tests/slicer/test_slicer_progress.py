@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import nnsam_slicer_helpers  # noqa: F401 - puts the module's folder on sys.path (so the file runs alone)
 from NNSAMSegmentLib.Progress import (LineSplitter, ProgressEvent, ProgressTracker, formatDuration, parseErrorLine,
                                       parseProgressLine)
 
