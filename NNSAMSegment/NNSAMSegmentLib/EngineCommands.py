@@ -27,8 +27,9 @@ ENGINE_MODULE = "nnsam_core.cli"
 CHECKPOINT_EVERY = {"quick": 25, "full": 250}
 # Share of the training steps that run the SAM encoder on the augmented patch instead of using the cached embedding
 # (the engine's --recompute-share): the panel's speed/accuracy choice. On CHD at a CPU's 192 px the cache was about
-# 4 Dice points below recomputing every step, and a quarter share recovered that for 1.5x the cache's iteration time
-# on a 2-core CPU (docs/benchmarks/chd_guard_cpu192_q1000, docs/speed/cpu.md). 0 is the engine's default.
+# 4 Dice points below recomputing every step; a tenth or a quarter share recovered that for 1.3x or 1.5x the cache's
+# iteration time on a 2-core CPU (docs/benchmarks/chd_recompute_share10_cpu192_q1000, docs/speed/cpu.md). 0 is the
+# engine's default.
 RECOMPUTE_SHARES = (0.0, 0.1, 0.25, 1.0)
 DEFAULT_RECOMPUTE_SHARE = 0.0
 
