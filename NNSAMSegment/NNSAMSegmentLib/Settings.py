@@ -111,12 +111,8 @@ class ModelMemory:
     @property
     def recomputeShare(self) -> float:
         """Share of training steps with fresh embeddings: one of the panel's choices, else the default."""
-        stored = self._get("RecomputeShare", "")
-        try:
-            share = float(stored)
-        except ValueError:
-            return DEFAULT_RECOMPUTE_SHARE
-        return share if share in RECOMPUTE_SHARES else DEFAULT_RECOMPUTE_SHARE
+        choices = tuple(f"{share:g}" for share in RECOMPUTE_SHARES)  # as the setter writes them
+        return float(self._get("RecomputeShare", f"{DEFAULT_RECOMPUTE_SHARE:g}", choices))
 
     @recomputeShare.setter
     def recomputeShare(self, value: float) -> None:
