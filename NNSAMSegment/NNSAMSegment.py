@@ -237,7 +237,7 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @staticmethod
     def _recomputeShareLabel(share: float) -> str:
-        labels = {0.0: _("never: cached embeddings (fastest)"), 0.1: _("1 training step in 10"),
+        labels = {0.0: _("never: cached embeddings (fastest)"), 0.1: _("1 training step in 10 (default)"),
                   0.25: _("1 training step in 4"), 1.0: _("every training step (slowest)")}
         return labels.get(share, f"{share:g}")
 

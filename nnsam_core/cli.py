@@ -9,8 +9,8 @@ import sys
 from typing import Optional, Sequence
 
 from .errors import NNSAMError
-from .methods import (INJECT_STRIDES, MAX_EMBEDDING_VARIANTS, METHOD_HELP, METHODS, SAM_INPUTS,
-                      check_embedding_variants, check_recompute_share)
+from .methods import (DEFAULT_RECOMPUTE_SHARE, INJECT_STRIDES, MAX_EMBEDDING_VARIANTS, METHOD_HELP, METHODS,
+                      SAM_INPUTS, check_embedding_variants, check_recompute_share)
 
 EPILOG = "Slices are indices along the image's third axis (axial for an axial CT; Slicer's K)."
 
@@ -65,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mirror-embeddings", action="store_true",
                        help="a mirrored training patch samples the embedding of the mirrored slice, as recomputing "
                        "would (SAM is not mirror-equivariant); 3 encoder calls more per training slice, once")
-    train.add_argument("--recompute-share", type=float, default=0.0, metavar="P",
+    train.add_argument("--recompute-share", type=float, metavar="P",
                        help="run the encoder on the augmented patches, as nnsam-recomputed does, at a random share P "
-                       "of the training steps (0 to 1; default 0: the cache at every step); costs P times "
+                       "of the training steps and sample the cached embeddings at the others (0 to 1; default "
+                       f"{DEFAULT_RECOMPUTE_SHARE:g}; 0: the cache at every step, the fastest); costs P times "
                        "recomputing's encoder time")
     train.add_argument("--embedding-norm", choices=("standardise", "none"), default="standardise",
                        help="standardise SAM features per channel with training statistics (default) or not")
@@ -157,9 +158,11 @@ def _train(args) -> int:
         raise NNSAMError(f"--class-names '{args.class_names}' must be distinct, non-empty names, e.g. LV,RV,Myo")
     check_embedding_variants(args.embedding_variants)
     check_embedding_variants(args.embedding_views, "--embedding-views")
-    check_recompute_share(args.recompute_share)
+    if args.recompute_share is not None:
+        check_recompute_share(args.recompute_share)
     cache_options = (("--embedding-variants", args.embedding_variants), ("--embedding-views", args.embedding_views),
-                     ("--mirror-embeddings", args.mirror_embeddings), ("--recompute-share", args.recompute_share))
+                     ("--mirror-embeddings", args.mirror_embeddings),
+                     ("--recompute-share", args.recompute_share))  # 0 (or not given) is no SAM-branch option
     for option, given in cache_options:
         if given and args.method in ("nnunet", "nnsam-recomputed"):
             raise NNSAMError(f"{option} applies to cached embeddings; method {args.method} has none")
@@ -172,7 +175,9 @@ def _train(args) -> int:
                              inject_stride=args.inject_stride, embedding_norm=args.embedding_norm,
                              sam_input=args.sam_input or base.sam_input, embeddings=base.embeddings,
                              embedding_variants=args.embedding_variants, mirror_embeddings=args.mirror_embeddings,
-                             embedding_views=args.embedding_views, recompute_share=args.recompute_share)
+                             embedding_views=args.embedding_views,
+                             recompute_share=base.recompute_share if args.recompute_share is None
+                             else args.recompute_share)
         config = None if config == base else config
     fine_tune(args.image, args.labels, output=args.output, nnsam_config=config, slices=slices, class_names=names,
               dataset_dir=args.dataset, encoder=args.encoder, method=args.method, preset=args.preset,

@@ -130,6 +130,8 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
         trainer_name = trainer_class.__name__
         checkpoint = workspace.output_folder(trainer_name) / "checkpoint_latest.pth"
         resuming = resume and checkpoint.is_file()
+        if resuming:
+            trainer_class = _trainer_as_started(trainer_class, checkpoint.parent, nnsam_config)
         if not resuming and workspace.root.exists():
             shutil.rmtree(workspace.root)
         if not resuming:
@@ -159,6 +161,34 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
     bundle = Bundle.load(output)
     progress(make_event("done", 1, 1, message=f"bundle written to {output}"))
     return bundle
+
+
+def _trainer_as_started(trainer_class, fold_dir: Path, requested):
+    """A resumed run keeps the SAM branch it started with, recorded beside its checkpoint, even if a default has
+    changed since; a different one asked for explicitly is refused rather than mixed into one model."""
+    from .network import NNSAMConfig
+    from .training import NNSAM_CONFIG_FILE
+
+    recorded_file = fold_dir / NNSAM_CONFIG_FILE
+    if config_of_trainer(trainer_class) is None or not recorded_file.is_file():
+        return trainer_class
+    try:
+        recorded = NNSAMConfig.from_dict(json.loads(recorded_file.read_text()))
+    except (ValueError, TypeError):
+        return trainer_class  # unreadable: nothing to keep; the run goes on with the settings given now
+    if requested is not None and requested != recorded:
+        raise NNSAMError(f"the stopped training was started with other nnSAM settings "
+                         f"({_config_difference(recorded, requested)}); resume it without them, or train afresh "
+                         "without --resume")
+    if recorded == config_of_trainer(trainer_class):
+        return trainer_class
+    return type(trainer_class.__name__, (trainer_class,), {"nnsam_config": recorded,
+                                                            "__module__": trainer_class.__module__})
+
+
+def _config_difference(recorded, requested) -> str:
+    before, now = recorded.as_dict(), requested.as_dict()
+    return ", ".join(f"{k} {before[k]} then, {now[k]} now" for k in before if before[k] != now[k])
 
 
 def working_max_size(requested: Optional[int], preset: str, device: torch.device) -> Optional[int]:

@@ -2,24 +2,24 @@
 
 Four measurements, each printed in one table (and, with ``--json``, written as JSON):
 
-1. **Training iteration**: nnU-Net (:class:`~nnsam_core.training.nnUNetTrainerFewShot`) and nnSAM
-   (:class:`~nnsam_core.training.nnUNetTrainerNNSAM`) are built on the same small preprocessed dataset (same
-   plans, patch and batch size). After a warm-up, both run ``--steps`` training steps, interleaved, on the *same*
-   batch (nnU-Net gets its image channel, nnSAM the image plus grid channels). The median step time gives
-   ``train_step_ratio`` = nnSAM / nnU-Net. Each trainer's own data loading + augmentation is timed beside it
+1. **Training iteration**: nnU-Net (:class:`~nnsam_core.training.nnUNetTrainerFewShot`) and nnSAM with cached
+   embeddings (:class:`~nnsam_core.training.nnUNetTrainerNNSAMCached`) are built on the same small preprocessed
+   dataset (same plans, patch and batch size). After a warm-up, both run ``--steps`` training steps, interleaved,
+   on the *same* batch (nnU-Net gets its image channel, nnSAM the image plus grid channels). The median step time
+   gives ``train_step_ratio`` = nnSAM / nnU-Net. Each trainer's own data loading + augmentation is timed beside it
    (``iteration_ratio`` counts both). Encoder calls made during the timed iterations are counted (expected 0:
    the embedding bank is filled once, before training).
-   With ``--recompute-share P`` (nnSAM recomputing the embeddings at a random share P of its steps, the rest from
-   the cache) both of nnSAM's steps are timed on every batch, the cached one and the recomputing one, and nnSAM's
-   step is their mix in the long run, ``(1 - P) x cached + P x recomputing``: what a training run averages to,
-   without the noise of drawing which few timed steps recompute. The printed ``train_step_ratio`` and its verdict
-   are then that step's ratio (``share_step_ratio`` in the JSON, beside the cached steps' ``train_step_ratio``).
+   nnSAM recomputes the embeddings at a random share P of its steps and samples the cache at the others
+   (``--recompute-share P``; default nnsam train's, 0.1), so nnSAM's recomputing step is timed on every batch too,
+   and nnSAM's step is the mix of the two in the long run, ``(1 - P) x cached + P x recomputing``: what a training
+   run averages to, without the noise of drawing which few timed steps recompute. The printed
+   ``train_step_ratio`` and its verdict are that step's ratio (``share_step_ratio`` in the JSON, beside the cached
+   steps' ``train_step_ratio``). ``--recompute-share 0`` measures the cache alone.
 2. **Encoder calls per segmented slice** (expected 1: one per slice, reused by every tile and mirror).
-3. **Time-to-segmentation**: ``fine_tune`` with the quick preset (and the ``--recompute-share``, if given) on 4
-   annotated slices of a ``size x size x N``
-   volume, then :class:`~nnsam_core.predict.Segmenter` on every slice. Training and segmentation are timed
-   separately; with ``--iterations`` (a shorter run) the quick preset's training time is also extrapolated from
-   the measured time per iteration.
+3. **Time-to-segmentation**: ``fine_tune`` with the quick preset (and the recompute share) on 4 annotated slices
+   of a ``size x size x N`` volume, then :class:`~nnsam_core.predict.Segmenter` on every slice. Training and
+   segmentation are timed separately; with ``--iterations`` (a shorter run) the quick preset's training time is
+   also extrapolated from the measured time per iteration.
 4. **Peak RAM of segmenting a volume**, in a fresh child process (so earlier phases do not count). Segmenting
    300 slices of 512x512 takes long on a CPU, so by default two smaller volumes are measured and the peak is
    extrapolated linearly to 300 slices (peak RAM grows linearly with the number of slices: the whole-volume
@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from .methods import DEFAULT_RECOMPUTE_SHARE
 
 RAM_TARGET_SLICES = 300
 RAM_TARGET_GB = 8.0
@@ -236,12 +238,12 @@ def _clone_batch(batch: dict, channels: Optional[slice] = None) -> dict:
 
 def measure_training_iteration(workspace, device, steps: int, warmup: int, seed: int = 0,
                                da_workers: Optional[int] = None, compare_recomputed: bool = False,
-                               recompute_share: float = 0.0) -> dict:
+                               recompute_share: float = DEFAULT_RECOMPUTE_SHARE) -> dict:
     """Interleaved, same-batch train steps of nnU-Net and nnSAM; see the module docstring.
     ``compare_recomputed`` also times nnSAM recomputing the embeddings every step (the authors' way);
     ``recompute_share`` > 0 does too, and gives nnSAM's step as the mix of the two at that share."""
     from .network import GRID_CHANNELS
-    from .training import nnUNetTrainerFewShot, nnUNetTrainerNNSAM, nnUNetTrainerNNSAMRecomputed
+    from .training import nnUNetTrainerFewShot, nnUNetTrainerNNSAMCached, nnUNetTrainerNNSAMRecomputed
     from .workspace import nnunet_output_to_stderr, scoped_environ
 
     if da_workers is None:
@@ -258,7 +260,7 @@ def measure_training_iteration(workspace, device, steps: int, warmup: int, seed:
             t0 = time.perf_counter()
             plain = build(nnUNetTrainerFewShot)
             t1 = time.perf_counter()
-            sam = build(nnUNetTrainerNNSAM)
+            sam = build(nnUNetTrainerNNSAMCached)  # its cached step; a share's step is mixed from it below
             t2 = time.perf_counter()
             timing_recomputed = compare_recomputed or recompute_share > 0.0
             recomputed = build(nnUNetTrainerNNSAMRecomputed) if timing_recomputed else None
@@ -356,7 +358,7 @@ def annotated_indices(n_slices: int, count: int = 4) -> list[int]:
 
 def measure_time_to_segmentation(root: Path, source: SliceSource, n_slices: int, device, iterations: Optional[int],
                                  seed: int = 0, fallback_s_per_iteration: Optional[float] = None,
-                                 recompute_share: float = 0.0) -> dict:
+                                 recompute_share: float = DEFAULT_RECOMPUTE_SHARE) -> dict:
     from .finetune import PRESETS, fine_tune
     from .predict import Segmenter
     from .training import config_of_trainer, nnUNetTrainerNNSAM
@@ -368,8 +370,9 @@ def measure_time_to_segmentation(root: Path, source: SliceSource, n_slices: int,
     def progress(event: dict) -> None:
         events.append((time.perf_counter(), event))
 
-    config = (dataclasses.replace(config_of_trainer(nnUNetTrainerNNSAM), recompute_share=recompute_share)
-              if recompute_share > 0.0 else None)  # None: nnsam train's default trainer, as a user runs it
+    default = config_of_trainer(nnUNetTrainerNNSAM)
+    config = (dataclasses.replace(default, recompute_share=recompute_share)
+              if recompute_share != default.recompute_share else None)  # None: nnsam train's default, as a user runs it
     t0 = time.perf_counter()
     bundle = fine_tune(image, labels, output=root / "bundle", slices=slices, class_names=source.class_names,
                        preset="quick", iterations=iterations, device=device.type, seed=seed, progress=progress,
@@ -718,10 +721,11 @@ def add_bench_speed_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--skip-segmentation", action="store_true", help="only the training-iteration measurement")
     p.add_argument("--compare-recomputed", action="store_true",
                    help="also time nnSAM recomputing the embeddings on every step, as the authors' code does")
-    p.add_argument("--recompute-share", type=float, default=0.0, metavar="P",
+    p.add_argument("--recompute-share", type=float, default=DEFAULT_RECOMPUTE_SHARE, metavar="P",
                    help="benchmark nnSAM recomputing the embeddings at a random share P (0 to 1) of its training "
                    "steps, as nnsam train --recompute-share P: its step is timed as the mix of the cached and the "
-                   "recomputing step, and the time-to-segmentation run trains with it (default 0: the cache only)")
+                   "recomputing step, and the time-to-segmentation run trains with it (default "
+                   f"{DEFAULT_RECOMPUTE_SHARE:g}, nnsam train's; 0: the cache only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", help="parent folder of the temporary working folder (default: system temp)")
     p.add_argument("--keep-work-dir", action="store_true")

@@ -227,8 +227,9 @@ def test_end_to_end_writes_every_output(finished_report):
     assert "Other classes (not in the means above): square" in text
     assert "Paired Dice differences" in text and "nnsam benchmark (test)" in text
     assert "Partial results" not in text
-    # what the nnsam runs actually used: LiteMedSAM's default input, the authors' 1/8 skip
-    assert "(SAM input `unit-range`, injected at the 1/8 skip)" in text
+    # what the nnsam runs actually used: LiteMedSAM's default input, the authors' 1/8 skip, the default share
+    assert ("(SAM input `unit-range`, injected at the 1/8 skip, embeddings recomputed at a share 0.1 of the training "
+            "steps)") in text
 
     split = result["split"]
     test_names = {u.name for u in split.test}
@@ -289,7 +290,8 @@ def test_sam_input_is_a_setting_of_the_nnsam_methods(finished_report):
     plan.settings.dataset = str(ds.resolve())
     assert "sam_input" not in plan.settings.comparable()  # default: folders written before the setting still match
     assert plan.settings.sam_input is None
-    assert plan.settings.nnsam_config("nnsam") is None
+    from nnsam_core.training import config_of_trainer, nnUNetTrainerNNSAM
+    assert plan.settings.nnsam_config("nnsam") == config_of_trainer(nnUNetTrainerNNSAM)  # the default share only
     plan.settings.sam_input = "unit-range"
     assert plan.settings.nnsam_config("nnunet") is None
     config = plan.settings.nnsam_config("nnsam-random")

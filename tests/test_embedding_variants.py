@@ -192,8 +192,10 @@ def test_cache_options_are_settings_of_the_nnsam_methods_in_benchmarks(field, va
     assert settings.comparable()[field] == value
     assert getattr(settings.nnsam_config("nnsam"), field) == value
     assert settings.nnsam_config("nnunet") is None
+    from nnsam_core.training import config_of_trainer, nnUNetTrainerNNSAMRecomputed
+    recomputed = settings.nnsam_config("nnsam-recomputed") or config_of_trainer(nnUNetTrainerNNSAMRecomputed)
     runs = [{"method": "nnsam", "nnsam_config": settings.nnsam_config("nnsam").as_dict()},
-            {"method": "nnsam-recomputed", "nnsam_config": settings.nnsam_config("nnsam-recomputed").as_dict()}]
+            {"method": "nnsam-recomputed", "nnsam_config": recomputed.as_dict()}]
     assert described in _sam_branch(runs)
     assert described not in _sam_branch([{"method": "nnsam", "nnsam_config": NNSAMConfig().as_dict()}])
     assert described not in _sam_branch(runs[1:])             # recomputing every step has no cache to describe

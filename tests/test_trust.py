@@ -135,8 +135,9 @@ def _train_cmd(chest_ct, out, iterations, *extra):
 def test_sigkill_keeps_old_bundle_and_resume_finishes(trained, tmp_path, chest_ct):
     out = _copy(trained, tmp_path, "model")  # an earlier bundle at the same path
     before = {p.name: sha256_of(p) for p in out.iterdir()}
-    proc = subprocess.Popen(_train_cmd(chest_ct, out, 8, "--checkpoint-every", "2"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
+    # started at a share other than the default: the resume below must keep it without being told
+    proc = subprocess.Popen(_train_cmd(chest_ct, out, 8, "--checkpoint-every", "2", "--recompute-share", "0.5"),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     checkpoint = None
     deadline = time.monotonic() + 600
     for line in proc.stdout:  # wait for a train step after the first epoch's checkpoint
@@ -152,11 +153,18 @@ def test_sigkill_keeps_old_bundle_and_resume_finishes(trained, tmp_path, chest_c
     assert {p.name: sha256_of(p) for p in out.iterdir()} == before, "the old bundle was touched"
     Bundle.load(out)
 
+    mixed = subprocess.run(_train_cmd(chest_ct, out, 8, "--resume", "--recompute-share", "0.25"), capture_output=True,
+                           text=True, timeout=900)
+    assert mixed.returncode == 2 and mixed.stderr.strip().count("\n") == 0, mixed.stderr[-2000:]
+    assert "recompute_share 0.5 then, 0.25 now" in mixed.stderr
+    assert {p.name: sha256_of(p) for p in out.iterdir()} == before and checkpoint.is_file()
+
     resumed = subprocess.run(_train_cmd(chest_ct, out, 8, "--checkpoint-every", "2", "--resume"), capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [json.loads(l)["step"] for l in resumed.stdout.splitlines() if json.loads(l)["stage"] == "train"]
     assert steps and steps[0] > 2 and steps[-1] == 8, f"resume started from scratch: {steps}"
     assert Bundle.load(out).manifest["training"]["iterations"] == 8
+    assert Bundle.load(out).manifest["nnsam_config"]["recompute_share"] == 0.5  # as started, not today's default
     assert not any(tmp_path.glob(".model.*partial*"))
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..errors import NNSAMError
-from ..methods import (INJECT_STRIDES, METHOD_HELP, METHODS, SAM_INPUTS, check_embedding_variants,
-                       check_recompute_share)
+from ..methods import (DEFAULT_RECOMPUTE_SHARE, INJECT_STRIDES, METHOD_HELP, METHODS, SAM_INPUTS,
+                       check_embedding_variants, check_recompute_share)
 
 DESCRIPTION = """\
 Compare nnSAM with nnU-Net (and, as a control, nnSAM with a random frozen encoder) when few slices are annotated.
@@ -77,7 +77,8 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
                         help="nnsam methods: a mirrored training patch samples the embedding of the mirrored slice")
     parser.add_argument("--recompute-share", type=float, metavar="P",
                         help="nnsam methods with cached embeddings run the encoder on the augmented patches at a "
-                        "random share P of the training steps (default: 0, the cache at every step)")
+                        f"random share P of the training steps (default: nnsam train's, {DEFAULT_RECOMPUTE_SHARE:g}; 0: "
+                        "the cache at every step)")
     parser.add_argument("--preset", choices=("quick", "full"), default="quick",
                         help="training schedule of every run (quick: 1000 iterations; full: the paper's)")
     parser.add_argument("--iterations", type=int, metavar="N", help="override the preset's iteration count")

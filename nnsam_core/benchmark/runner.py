@@ -26,14 +26,14 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import SimpleITK as sitk
 
 from ..errors import NNSAMError
-from ..methods import METHODS
+from ..methods import DEFAULT_RECOMPUTE_SHARE, LEGACY_RECOMPUTE_SHARE, METHODS
 from .data import DatasetInfo, UnitStore, pick_volumes, read_dataset
 from .splits import Unit, default_split_mode, evenly_spaced, make_split
 
@@ -72,7 +72,7 @@ class Settings:
     embedding_variants: Optional[int] = None  # augmented embeddings per training slice; None: the trainer's (0)
     mirror_embeddings: Optional[bool] = None  # mirrored patches sample the mirrored slice's; None: the trainer's
     embedding_views: Optional[int] = None  # rotated/scaled copies' embeddings per training slice; None: the trainer's
-    recompute_share: Optional[float] = None  # share of training steps recomputing; None: the trainer's (0)
+    recompute_share: Optional[float] = None  # share of training steps recomputing; None: the trainer's (Plan fixes it)
 
     # Settings that change only the SAM branch; left unset they are not compared, so report folders written
     # before a setting existed still accept runs.
@@ -92,9 +92,11 @@ class Settings:
         chosen = {name: getattr(self, name) for name in self.SAM_BRANCH_FIELDS if getattr(self, name) is not None}
         if method == "nnunet" or not chosen:
             return None
-        from dataclasses import replace
         from ..training import config_of_trainer, trainer_for
-        return replace(config_of_trainer(trainer_for(method, self.encoder)), **chosen)
+        base = config_of_trainer(trainer_for(method, self.encoder))
+        if base.embeddings == "recomputed":
+            chosen.pop("recompute_share", None)  # it recomputes at every step; a share means nothing there
+        return replace(base, **chosen) if chosen else None
 
 
 @dataclass
@@ -108,6 +110,12 @@ class Plan:
     report_classes: Optional[list[str]] = None            # classes of the headline mean (default: all)
     keep_models: bool = False
     note: str = ""
+
+    def __post_init__(self):
+        # The share the nnsam methods train with is recorded even when it is the default, so a report folder
+        # never mixes runs trained before and after the default changed (see init_state).
+        if self.settings.recompute_share is None:
+            self.settings = replace(self.settings, recompute_share=DEFAULT_RECOMPUTE_SHARE)
 
 
 def machine_description(device: str) -> str:
@@ -159,9 +167,19 @@ def _init_state_locked(report_dir: Path, plan: Plan, extra: dict, command: Optio
         state = {**fresh, "invocations": []}
     else:
         for key, value in fresh.items():
-            if json.loads(json.dumps(state.get(key))) != json.loads(json.dumps(value)):
+            held = state.get(key)
+            if key == "settings" and isinstance(held, dict) and "recompute_share" in value:
+                # A folder that recorded no share trained its nnsam runs at the then default, the cache alone;
+                # runs of nnunet alone do not depend on it.
+                nnunet_only = all(m == "nnunet" for m in plan.methods)
+                held = {"recompute_share": value["recompute_share"] if nnunet_only else LEGACY_RECOMPUTE_SHARE,
+                        **held}
+            if json.loads(json.dumps(held)) != json.loads(json.dumps(value)):
+                hint = (f" (or --recompute-share {held['recompute_share']:g} to continue it)"
+                        if key == "settings" and isinstance(held, dict) and
+                        held.get("recompute_share") != value.get("recompute_share") else "")
                 raise NNSAMError(f"{report_dir} holds a benchmark made with other {key} "
-                                 f"({_short(state.get(key))} vs now {_short(value)}); use another -o REPORT_DIR")
+                                 f"({_short(held)} vs now {_short(value)}); use another -o REPORT_DIR{hint}")
     state["invocations"].append({
         "command": command or shlex.join(["nnsam", *sys.argv[1:]]),
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"),

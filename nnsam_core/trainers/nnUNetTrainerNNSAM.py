@@ -19,5 +19,6 @@ from nnsam_core.training import (  # noqa: F401  (re-exported for nnU-Net's trai
     nnUNetTrainerNNSAMRandom,
     nnUNetTrainerNNSAMRandom_MobileSAM,
     nnUNetTrainerNNSAMRecomputed,
+    nnUNetTrainerNNSAMCached,
     nnUNetTrainerNNSAMPartialRecompute,
 )

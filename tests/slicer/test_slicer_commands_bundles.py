@@ -9,8 +9,8 @@ import pytest
 import nnsam_slicer_helpers  # noqa: F401 - puts the module's folder on sys.path (so the file runs alone)
 from NNSAMSegmentLib.Bundles import BundleInfo, BundleStore, placeBundle, safeName, timestampedName
 from NNSAMSegmentLib.Devices import DETECTION_SCRIPT, deviceChoices, parseDetectionOutput
-from NNSAMSegmentLib.EngineCommands import (EngineCommandBuilder, TrainOptions, validateClassNames,
-                                            validateSlices)
+from NNSAMSegmentLib.EngineCommands import (DEFAULT_RECOMPUTE_SHARE, RECOMPUTE_SHARES, EngineCommandBuilder,
+                                            TrainOptions, validateClassNames, validateSlices)
 from NNSAMSegmentLib.Errors import UserError
 from NNSAMSegmentLib.Settings import DictSettingsStore, ModelMemory
 
@@ -176,12 +176,12 @@ def test_model_memory_forgets_missing_bundles_and_bad_values(tmp_path):
     assert memory.lastBundlePath is None
     memory.preset = "full"
     assert store.value("NNSAMSegment/Preset") == "full" and memory.preset == "full"
-    assert memory.recomputeShare == 0.0  # nothing stored: the engine's default
-    memory.recomputeShare = 0.25
-    assert store.value("NNSAMSegment/RecomputeShare") == "0.25" and memory.recomputeShare == 0.25
+    assert memory.recomputeShare == 0.1  # nothing stored: the engine's default
+    memory.recomputeShare = 0
+    assert store.value("NNSAMSegment/RecomputeShare") == "0" and memory.recomputeShare == 0.0
     for stored in ("0.3", "often", ""):  # not one of the panel's choices -> the default
         store.setValue("NNSAMSegment/RecomputeShare", stored)
-        assert memory.recomputeShare == 0.0
+        assert memory.recomputeShare == 0.1
     jobFolder = tmp_path / "job"
     jobFolder.mkdir()
     memory.resumableFineTunePath = str(jobFolder)
@@ -205,6 +205,8 @@ def test_commands_parse_with_the_real_engine_command_line():
     cli = pytest.importorskip("nnsam_core.cli")
     parser = cli.build_parser()
     builder = EngineCommandBuilder("python")
+    from nnsam_core.methods import DEFAULT_RECOMPUTE_SHARE as engineDefault
+    assert DEFAULT_RECOMPUTE_SHARE == engineDefault and DEFAULT_RECOMPUTE_SHARE in RECOMPUTE_SHARES
 
     def parse(command):
         assert list(command.args[:2]) == ["-m", "nnsam_core.cli"]
