@@ -11,7 +11,7 @@ INJECT_STRIDES = (2, 4, 8, 16, 32)
 MAX_EMBEDDING_VARIANTS = 64
 # Share of the training steps that run the encoder on the augmented patches (NNSAMConfig.recompute_share) unless
 # told otherwise. The cache alone fell about 4.5 Dice points below recomputing every step on CHD at 192x192; a tenth
-# share reached recomputing's level over three seeds, for 1-2% more time per 512x512 training step on a CPU and a
+# share reached recomputing's level over three seeds, for 1-3% more time per 512x512 training step on a CPU and a
 # third more at 192x192 (docs/benchmarks/chd_recompute_share10_cpu192_q1000, docs/speed/cpu.md). Until 2026-11-28
 # the default was 0 (the cache at every step).
 DEFAULT_RECOMPUTE_SHARE = 0.1

@@ -370,9 +370,9 @@ def measure_time_to_segmentation(root: Path, source: SliceSource, n_slices: int,
     def progress(event: dict) -> None:
         events.append((time.perf_counter(), event))
 
-    default = config_of_trainer(nnUNetTrainerNNSAM)
+    default = config_of_trainer(nnUNetTrainerNNSAM)  # what nnsam train runs when not told otherwise
     config = (dataclasses.replace(default, recompute_share=recompute_share)
-              if recompute_share != default.recompute_share else None)  # None: nnsam train's default, as a user runs it
+              if recompute_share != default.recompute_share else None)
     t0 = time.perf_counter()
     bundle = fine_tune(image, labels, output=root / "bundle", slices=slices, class_names=source.class_names,
                        preset="quick", iterations=iterations, device=device.type, seed=seed, progress=progress,
