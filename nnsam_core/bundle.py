@@ -21,7 +21,7 @@ import stat
 import tempfile
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -118,6 +118,7 @@ class Bundle:
     def from_nnunet_results(cls, fold_dir: os.PathLike) -> "Bundle":
         """A bundle view of ``nnUNetv2_train ... -tr nnUNetTrainerNNSAM`` output (the plug-and-play route)."""
         import numpy as np
+        from .methods import LEGACY_RECOMPUTE_SHARE
         from .network import NNSAMConfig
         from .training import KNOWN_TRAINERS, NNSAM_CONFIG_FILE, config_of_trainer, method_of_trainer
 
@@ -138,12 +139,16 @@ class Bundle:
         trainer_class = KNOWN_TRAINERS[trainer_name]
         config = config_of_trainer(trainer_class)
         recorded = fold_dir / NNSAM_CONFIG_FILE
-        if config is not None and recorded.is_file():  # as trained (folders written before it: the trainer's own)
+        if config is not None and recorded.is_file():  # as trained
             try:
                 config = NNSAMConfig.from_dict(json.loads(recorded.read_text()))
             except (ValueError, TypeError) as exc:
                 raise NNSAMError(f"{recorded} is not a valid nnSAM configuration ({exc}); restore it from the "
                                  "training run or delete it to use the trainer's defaults") from None
+        elif config is not None:
+            # Folders written before the record existed: the trainer's own settings, as then; the recompute
+            # share came after the record, so they trained with the cache alone.
+            config = replace(config, recompute_share=LEGACY_RECOMPUTE_SHARE)
         dataset_json = json.loads((model_dir / "dataset.json").read_text())
         labels = {k: int(v) for k, v in dataset_json["labels"].items() if k != "background"}
         manifest = {

@@ -61,6 +61,9 @@ def test_nnunetv2_train_with_nnsam_trainer(tmp_path, chest_ct):
     recorded.write_text(json.dumps(dict(trained_with, embeddings="sometimes")))
     with pytest.raises(NNSAMError, match="nnsam_config.json is not a valid"):
         Bundle.from_nnunet_results(fold)
+    recorded.unlink()  # a folder from before the record: the trainer's settings, with the cache alone as then
+    assert trained_with["recompute_share"] == 0.1
+    assert Bundle.from_nnunet_results(fold).manifest["nnsam_config"] == dict(trained_with, recompute_share=0.0)
     recorded.write_text(json.dumps(trained_with))
 
     crop = image[:, :, 18:20]
