@@ -85,6 +85,8 @@ class EngineJob:
         self._stdout = LineSplitter()
         self._stderr = LineSplitter()
         self._engineError = ""  # from "nnsam: error: ..." on stderr
+        # A crash's last words go to stderr; its lines and stdout's reach the log from two pipes in no fixed order.
+        self._lastStderrLine = ""
         self._errorEventMessage = ""  # from a {"stage": "error"} line on stdout
         self._stopRequested = False
         self._connections = []
@@ -162,6 +164,7 @@ class EngineJob:
         if message:
             self._engineError = message
         if line.strip():
+            self._lastStderrLine = line
             self._log(line)
 
     @property
@@ -237,7 +240,8 @@ class EngineJob:
             return self._errorEventMessage
         if errorText:
             return errorText
-        lastLine = next((line for line in reversed(self.logLines) if not line.startswith("$ ")), "")
+        lastLine = self._lastStderrLine or next((line for line in reversed(self.logLines)
+                                                 if not line.startswith("$ ")), "")
         reason = "crashed or was killed" if exitCode is None else f"stopped with exit code {exitCode}"
         message = f"The engine {reason}."
         if lastLine:
