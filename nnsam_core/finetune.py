@@ -22,7 +22,7 @@ from .encoders import get_spec, input_preparation_description
 from .errors import NNSAMError
 from .images import annotated_slices, as_volume, check_image, parse_slices, read_image, read_labels
 from .progress import ProgressCallback, make_event, silent
-from .training import config_of_trainer, trainer_for
+from .training import config_of_trainer, trainer_for, with_nnsam_config
 from .workspace import (CONFIGURATION, FOLD, TrainingCase, Workspace, nnunet_output_to_stderr, plan_and_preprocess,
                         read_raw_dataset, scoped_environ, slice_case, write_raw_dataset)
 
@@ -107,8 +107,7 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
         raise NNSAMError("--max-size must be 0 (native resolution) or at least 32 pixels")
     trainer_class = trainer_for(method, encoder)
     if nnsam_config is not None:  # experiments (benchmarks) vary the SAM branch without a named trainer
-        trainer_class = type(trainer_class.__name__, (trainer_class,), {"nnsam_config": nnsam_config,
-                                                                        "__module__": trainer_class.__module__})
+        trainer_class = with_nnsam_config(trainer_class, nnsam_config)
     torch_device = resolve_device(device)
     max_size = working_max_size(max_size, preset, torch_device)
     if method != "nnunet" and encoder == "mobilesam" and config_of_trainer(trainer_class).pretrained:
@@ -182,8 +181,7 @@ def _trainer_as_started(trainer_class, fold_dir: Path, requested):
                          "without --resume")
     if recorded == config_of_trainer(trainer_class):
         return trainer_class
-    return type(trainer_class.__name__, (trainer_class,), {"nnsam_config": recorded,
-                                                            "__module__": trainer_class.__module__})
+    return with_nnsam_config(trainer_class, recorded)
 
 
 def _config_difference(recorded, requested) -> str:

@@ -25,6 +25,10 @@ Four measurements, each printed in one table (and, with ``--json``, written as J
    extrapolated linearly to 300 slices (peak RAM grows linearly with the number of slices: the whole-volume
    logits dominate); ``--ram-volume-slices 300`` measures it directly.
 
+The SAM encoder is nnsam train's default (LiteMedSAM) or ``--encoder mobilesam``; ``--random-encoder`` times
+the same architecture randomly initialised, which needs no weights file (an encoder's speed does not depend on its
+weights; the fine-tune's Dice is then the random-encoder control's).
+
 The data: 4 one-slice cases (and a volume stacked from slices) of the project's cardiac CT set
 (``../shared/data/Dataset901_CHD``) when it is there, resized to ``--size``; otherwise synthetic slices.
 The last line printed is ``train_step_ratio=<nnSAM/nnU-Net>``.
@@ -236,14 +240,25 @@ def _clone_batch(batch: dict, channels: Optional[slice] = None) -> dict:
     return {"data": data.clone(), "target": [t.clone() for t in target] if isinstance(target, list) else target.clone()}
 
 
+def on_encoder(config, encoder: str, random_weights: bool):
+    """``config`` (an NNSAMConfig) with encoder ``encoder``, pretrained or randomly initialised, fed the slices
+    as that encoder expects."""
+    if config.encoder == encoder and config.pretrained == (not random_weights):
+        return config
+    return dataclasses.replace(config, encoder=encoder, pretrained=not random_weights, sam_input=None)
+
+
 def measure_training_iteration(workspace, device, steps: int, warmup: int, seed: int = 0,
                                da_workers: Optional[int] = None, compare_recomputed: bool = False,
-                               recompute_share: float = DEFAULT_RECOMPUTE_SHARE) -> dict:
+                               recompute_share: float = DEFAULT_RECOMPUTE_SHARE, encoder: str = "litemedsam",
+                               random_encoder: bool = False) -> dict:
     """Interleaved, same-batch train steps of nnU-Net and nnSAM; see the module docstring.
     ``compare_recomputed`` also times nnSAM recomputing the embeddings every step (the authors' way);
-    ``recompute_share`` > 0 does too, and gives nnSAM's step as the mix of the two at that share."""
+    ``recompute_share`` > 0 does too, and gives nnSAM's step as the mix of the two at that share.
+    ``encoder`` / ``random_encoder``: nnSAM's SAM encoder and whether it is randomly initialised."""
     from .network import GRID_CHANNELS
-    from .training import nnUNetTrainerFewShot, nnUNetTrainerNNSAMCached, nnUNetTrainerNNSAMRecomputed
+    from .training import (config_of_trainer, nnUNetTrainerFewShot, nnUNetTrainerNNSAMCached,
+                           nnUNetTrainerNNSAMRecomputed, with_nnsam_config)
     from .workspace import nnunet_output_to_stderr, scoped_environ
 
     if da_workers is None:
@@ -255,16 +270,20 @@ def measure_training_iteration(workspace, device, steps: int, warmup: int, seed:
         built.append(_build_trainer(trainer_class, workspace, device, seed))
         return built[-1]
 
+    def nnsam(trainer_class):
+        return with_nnsam_config(trainer_class, on_encoder(config_of_trainer(trainer_class), encoder, random_encoder))
+
     with workspace.activated(), scoped_environ(env), nnunet_output_to_stderr():
         try:
             t0 = time.perf_counter()
             plain = build(nnUNetTrainerFewShot)
             t1 = time.perf_counter()
-            sam = build(nnUNetTrainerNNSAMCached)  # its cached step; a share's step is mixed from it below
+            sam = build(nnsam(nnUNetTrainerNNSAMCached))  # its cached step; a share's is mixed from it below
             t2 = time.perf_counter()
             timing_recomputed = compare_recomputed or recompute_share > 0.0
-            recomputed = build(nnUNetTrainerNNSAMRecomputed) if timing_recomputed else None
+            recomputed = build(nnsam(nnUNetTrainerNNSAMRecomputed)) if timing_recomputed else None
             bank = sam.embedding_bank
+            sam_encoder = bank.encoder
             bank_fill_calls = bank.encoder_calls
             times = {"nnunet_step": [], "nnsam_step": [], "nnunet_data": [], "nnsam_data": []}
             if recomputed is not None:
@@ -325,6 +344,9 @@ def measure_training_iteration(workspace, device, steps: int, warmup: int, seed:
     return {
         "patch_size": patch,
         "batch_size": int(plain.batch_size),
+        # the encoder nnSAM's trainers ran, as they loaded it
+        "encoder": {"name": sam_encoder.name, "pretrained": sam_encoder.pretrained,
+                    "input_size": sam_encoder.spec.input_size},
         "steps_timed": steps,
         "warmup_steps": warmup,
         "da_workers": da_workers,
@@ -358,7 +380,8 @@ def annotated_indices(n_slices: int, count: int = 4) -> list[int]:
 
 def measure_time_to_segmentation(root: Path, source: SliceSource, n_slices: int, device, iterations: Optional[int],
                                  seed: int = 0, fallback_s_per_iteration: Optional[float] = None,
-                                 recompute_share: float = DEFAULT_RECOMPUTE_SHARE) -> dict:
+                                 recompute_share: float = DEFAULT_RECOMPUTE_SHARE, encoder: str = "litemedsam",
+                                 random_encoder: bool = False) -> dict:
     from .finetune import PRESETS, fine_tune
     from .predict import Segmenter
     from .training import config_of_trainer, nnUNetTrainerNNSAM
@@ -371,12 +394,12 @@ def measure_time_to_segmentation(root: Path, source: SliceSource, n_slices: int,
         events.append((time.perf_counter(), event))
 
     default = config_of_trainer(nnUNetTrainerNNSAM)  # what nnsam train runs when not told otherwise
-    config = (dataclasses.replace(default, recompute_share=recompute_share)
-              if recompute_share != default.recompute_share else None)
+    config = on_encoder(dataclasses.replace(default, recompute_share=recompute_share), encoder, random_encoder)
+    config = None if config == default else config
     t0 = time.perf_counter()
     bundle = fine_tune(image, labels, output=root / "bundle", slices=slices, class_names=source.class_names,
-                       preset="quick", iterations=iterations, device=device.type, seed=seed, progress=progress,
-                       nnsam_config=config)
+                       encoder=encoder, preset="quick", iterations=iterations, device=device.type, seed=seed,
+                       progress=progress, nnsam_config=config)
     t1 = time.perf_counter()
     train_total = t1 - t0
     total_iters = iterations or PRESETS["quick"]
@@ -637,6 +660,12 @@ def run_bench_speed(args) -> int:
     if args.slices < 1 or args.steps < 1 or args.warmup < 0:
         raise NNSAMError("--slices and --steps must be at least 1, --warmup at least 0")
     check_recompute_share(args.recompute_share)
+    if args.encoder == "mobilesam" and not args.random_encoder:
+        from .weights import require_mobilesam
+        try:
+            require_mobilesam()  # now, not after the first measurements
+        except NNSAMError as exc:
+            raise NNSAMError(f"{exc}; or time the encoder without them: --random-encoder") from None
     if args.work_dir:
         # A folder the user names for the scratch files is made on demand, like nnU-Net's output folders.
         try:
@@ -652,7 +681,8 @@ def run_bench_speed(args) -> int:
     root = Path(tempfile.mkdtemp(prefix="nnsam-bench-speed-", dir=args.work_dir))
     result = {"command": "nnsam bench-speed " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "nnsam bench-speed",
               "date_utc": started.isoformat(timespec="seconds"), "device": device.type, "machine": machine,
-              "data": source.description, "size": args.size, "targets": TARGETS}
+              "data": source.description, "size": args.size, "targets": TARGETS,
+              "encoder": {"name": args.encoder, "weights": "random" if args.random_encoder else "pretrained"}}
 
     def say(message: str) -> None:
         print(f"[bench-speed {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -664,7 +694,9 @@ def run_bench_speed(args) -> int:
         result["training_iteration"] = measure_training_iteration(workspace, device, args.steps, args.warmup,
                                                                   seed=args.seed, da_workers=args.da_workers,
                                                                   compare_recomputed=args.compare_recomputed,
-                                                                  recompute_share=args.recompute_share)
+                                                                  recompute_share=args.recompute_share,
+                                                                  encoder=args.encoder,
+                                                                  random_encoder=args.random_encoder)
         say(f"train_step_ratio {headline_train_step_ratio(result['training_iteration']):.3f}")
         if not args.skip_segmentation:
             say(f"time-to-segmentation: fine-tune on 4 of {n_slices} slices "
@@ -673,7 +705,7 @@ def run_bench_speed(args) -> int:
             result["time_to_segmentation"] = measure_time_to_segmentation(
                 root / "tts", source, n_slices, device, args.iterations, seed=args.seed,
                 fallback_s_per_iteration=tr.get("share_step_s", tr["nnsam_step_s"]) + tr["nnsam_data_s"],
-                recompute_share=args.recompute_share)
+                recompute_share=args.recompute_share, encoder=args.encoder, random_encoder=args.random_encoder)
             if ram_counts:
                 say(f"peak RAM of segmenting {', '.join(map(str, ram_counts))} slices in fresh processes")
                 result["peak_ram"] = measure_peak_ram(result["time_to_segmentation"]["bundle"], ram_counts,
@@ -690,7 +722,8 @@ def run_bench_speed(args) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     print(f"nnsam bench-speed, {result['date_utc']}, device {device.type} "
           f"({machine.get('gpu') or machine.get('cpu', '')}, {machine['cpu_count']} cores, "
-          f"{machine['torch_threads']} torch threads), data: {source.description}")
+          f"{machine['torch_threads']} torch threads), data: {source.description}, encoder {args.encoder}"
+          f"{' (randomly initialised: timing only)' if args.random_encoder else ''}")
     print(format_table(result))
     print(f"train_step_ratio={headline_train_step_ratio(result['training_iteration']):.4f}", flush=True)
     return 0
@@ -726,6 +759,11 @@ def add_bench_speed_parser(subparsers) -> argparse.ArgumentParser:
                    "steps, as nnsam train --recompute-share P: its step is timed as the mix of the cached and the "
                    "recomputing step, and the time-to-segmentation run trains with it (default "
                    f"{DEFAULT_RECOMPUTE_SHARE:g}, nnsam train's; 0: the cache only)")
+    p.add_argument("--encoder", choices=("litemedsam", "mobilesam"), default="litemedsam",
+                   help="nnSAM's SAM encoder (default litemedsam, nnsam train's)")
+    p.add_argument("--random-encoder", action="store_true",
+                   help="time the encoder randomly initialised, with no weights file (its speed does not depend "
+                   "on its weights; the fine-tune is then the random-encoder control)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", help="parent folder of the temporary working folder (default: system temp)")
     p.add_argument("--keep-work-dir", action="store_true")

@@ -442,3 +442,10 @@ def trainer_for(method: str, encoder: str):
 
 def config_of_trainer(trainer_class) -> Optional[NNSAMConfig]:
     return getattr(trainer_class, "nnsam_config", None)
+
+
+def with_nnsam_config(trainer_class, config: NNSAMConfig):
+    """``trainer_class`` running ``config``, under the same name (what bundles and results folders record), for
+    settings no named trainer has: benchmarks' variants, a resumed run's recorded settings."""
+    return type(trainer_class.__name__, (trainer_class,), {"nnsam_config": config,
+                                                            "__module__": trainer_class.__module__})

@@ -144,6 +144,47 @@ def test_bench_speed_refuses_a_share_outside_0_to_1():
     assert proc.stderr.strip().count("\n") == 0 and "--recompute-share" in proc.stderr, proc.stderr
 
 
+def test_bench_speed_times_mobilesam_randomly_initialised_without_its_weights(tmp_path):
+    """--encoder mobilesam --random-encoder: both nnSAM trainers run MobileSAM's 1024-pixel encoder, built from
+    no weights file (the test's cache holds none)."""
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, "-m", "nnsam_core.cli", "bench-speed", "--device", "cpu", "--size", "64", "--synthetic",
+           "--steps", "1", "--warmup", "0", "--skip-segmentation", "--encoder", "mobilesam", "--random-encoder",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "encoder mobilesam (randomly initialised" in proc.stdout
+    result = json.loads(out.read_text())
+    training = result["training_iteration"]
+    assert training["encoder"] == {"name": "mobilesam", "pretrained": False, "input_size": 1024}
+    assert result["encoder"] == {"name": "mobilesam", "weights": "random"}
+    assert training["bank_fill_encoder_calls"] == 4 and training["encoder_calls_during_timed_iterations"] == 0
+    assert training["recomputed_encoder_calls_per_train_iteration"] == training["batch_size"]
+
+
+def test_bench_speed_without_mobilesam_weights_says_how_to_get_them_or_time_without(tmp_path):
+    env = dict(os.environ, NNSAM_CACHE_DIR=str(tmp_path / "empty-cache"))
+    cmd = [sys.executable, "-m", "nnsam_core.cli", "bench-speed", "--device", "cpu", "--synthetic",
+           "--encoder", "mobilesam", "--work-dir", str(tmp_path / "work")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr           # one line, no traceback
+    assert "nnsam weights import mobilesam" in proc.stderr and "--random-encoder" in proc.stderr
+    assert not (tmp_path / "work").exists()  # refused before any work
+
+
+def test_on_encoder_feeds_the_new_encoder_its_own_input():
+    from nnsam_core.network import NNSAMConfig
+    from nnsam_core.speed import on_encoder
+
+    default = NNSAMConfig()
+    assert on_encoder(default, "litemedsam", random_weights=False) is default
+    mobile = on_encoder(default, "mobilesam", random_weights=True)
+    assert (mobile.encoder, mobile.pretrained, mobile.sam_input) == ("mobilesam", False, "nnunet")
+    assert mobile.recompute_share == default.recompute_share  # nothing else changes
+    assert on_encoder(default, "litemedsam", random_weights=True).sam_input == default.sam_input
+
+
 def test_bench_speed_is_registered():
     from nnsam_core.cli import build_parser
     args = build_parser().parse_args(["bench-speed", "--size", "128", "--slices", "3"])
