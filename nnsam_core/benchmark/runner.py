@@ -159,6 +159,22 @@ def init_state(report_dir: Path, plan: Plan, extra: dict, command: Optional[str]
         return _init_state_locked(report_dir, plan, extra, command, amend)
 
 
+def _settings_as_held(held: dict, now: dict, methods: Sequence[str]) -> dict:
+    """A folder's recorded settings as today's record would give them: a folder that recorded no share trained its
+    nnsam runs at the then default, the cache alone; runs of nnunet alone do not depend on it."""
+    if "recompute_share" in held or "recompute_share" not in now:
+        return held
+    nnunet_only = all(m == "nnunet" for m in methods)
+    return {"recompute_share": now["recompute_share"] if nnunet_only else LEGACY_RECOMPUTE_SHARE, **held}
+
+
+def _continue_hint(held: dict, now: dict) -> str:
+    """How to add runs to a folder trained at another share than today's."""
+    if "recompute_share" not in held or held["recompute_share"] == now.get("recompute_share"):
+        return ""
+    return f" (or --recompute-share {held['recompute_share']:g} to continue it)"
+
+
 def _init_state_locked(report_dir: Path, plan: Plan, extra: dict, command: Optional[str],
                        amend: Optional[Callable[[dict], None]]) -> dict:
     state = load_state(report_dir)
@@ -168,16 +184,11 @@ def _init_state_locked(report_dir: Path, plan: Plan, extra: dict, command: Optio
     else:
         for key, value in fresh.items():
             held = state.get(key)
-            if key == "settings" and isinstance(held, dict) and "recompute_share" in value:
-                # A folder that recorded no share trained its nnsam runs at the then default, the cache alone;
-                # runs of nnunet alone do not depend on it.
-                nnunet_only = all(m == "nnunet" for m in plan.methods)
-                held = {"recompute_share": value["recompute_share"] if nnunet_only else LEGACY_RECOMPUTE_SHARE,
-                        **held}
+            hint = ""
+            if key == "settings" and isinstance(held, dict):
+                held = _settings_as_held(held, value, plan.methods)
+                hint = _continue_hint(held, value)
             if json.loads(json.dumps(held)) != json.loads(json.dumps(value)):
-                hint = (f" (or --recompute-share {held['recompute_share']:g} to continue it)"
-                        if key == "settings" and isinstance(held, dict) and
-                        held.get("recompute_share") != value.get("recompute_share") else "")
                 raise NNSAMError(f"{report_dir} holds a benchmark made with other {key} "
                                  f"({_short(held)} vs now {_short(value)}); use another -o REPORT_DIR{hint}")
     state["invocations"].append({
