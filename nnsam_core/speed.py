@@ -495,7 +495,6 @@ def parse_ram_volume_slices(text) -> list[int]:
 
 
 def measure_peak_ram(bundle: str, slice_counts: Sequence[int], size: int, device, data: Optional[Path]) -> dict:
-    from .predict import DEFAULT_SLAB
     runs = []
     for n in slice_counts:
         cmd = [sys.executable, "-m", "nnsam_core.speed", "--ram-child", bundle, str(n), str(size), device.type,
@@ -504,25 +503,36 @@ def measure_peak_ram(bundle: str, slice_counts: Sequence[int], size: int, device
         if proc.returncode != 0:
             raise RuntimeError(f"RAM measurement ({n} slices) failed: {proc.stderr.strip().splitlines()[-1:]}")
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    result = {"runs": runs, "target_slices": RAM_TARGET_SLICES}
+    return {"runs": runs, "target_slices": RAM_TARGET_SLICES, **peak_ram_at_target(runs)}
+
+
+def peak_ram_at_target(runs: Sequence[dict]) -> dict:
+    """The peak RAM of segmenting RAM_TARGET_SLICES slices from the measured ``runs`` (each ``slices`` and
+    ``peak_rss_gb``): measured when a run was that large, else extrapolated linearly from the first and last run
+    when that can mean something, else None (``method`` says which, and why)."""
+    from .predict import DEFAULT_SLAB
     direct = [r for r in runs if r["slices"] >= RAM_TARGET_SLICES]
     if direct:
-        result["peak_rss_gb_target"] = direct[0]["peak_rss_gb"]
-        result["method"] = f"measured at {direct[0]['slices']} slices"
-    elif len(runs) >= 2 and runs[-1]["slices"] != runs[0]["slices"] and runs[0]["slices"] >= DEFAULT_SLAB:
+        return {"peak_rss_gb_target": direct[0]["peak_rss_gb"],
+                "method": f"measured at {direct[0]['slices']} slices"}
+    measure_it = f"use --ram-volume-slices {RAM_TARGET_SLICES} to measure it"
+    if len(runs) < 2 or runs[-1]["slices"] == runs[0]["slices"] or runs[0]["slices"] < DEFAULT_SLAB:
         # Segmentation runs in slabs of DEFAULT_SLAB slices (a slab's encoder batch and tiles are the big
         # transient); beyond one slab only whole-volume arrays grow, so only volumes of >= one slab extrapolate.
-        a, b = runs[0], runs[-1]
-        per_slice = (b["peak_rss_gb"] - a["peak_rss_gb"]) / (b["slices"] - a["slices"])
-        result["peak_rss_gb_per_slice"] = per_slice
-        result["peak_rss_gb_target"] = b["peak_rss_gb"] + per_slice * (RAM_TARGET_SLICES - b["slices"])
-        result["method"] = (f"linear extrapolation from {a['slices']} and {b['slices']} slices "
-                            f"(use --ram-volume-slices {RAM_TARGET_SLICES} to measure it)")
-    else:
-        result["peak_rss_gb_target"] = None
-        result["method"] = (f"measured at {', '.join(str(r['slices']) for r in runs)} slices; no extrapolation "
-                            f"(needs two volumes of >= {DEFAULT_SLAB} slices)")
-    return result
+        return {"peak_rss_gb_target": None,
+                "method": f"measured at {', '.join(str(r['slices']) for r in runs)} slices; no extrapolation "
+                          f"(needs two volumes of >= {DEFAULT_SLAB} slices)"}
+    a, b = runs[0], runs[-1]
+    per_slice = (b["peak_rss_gb"] - a["peak_rss_gb"]) / (b["slices"] - a["slices"])
+    if per_slice <= 0:
+        # The whole-volume arrays grow with every slice, so a peak that did not grow is the allocator's noise
+        # outweighing that growth: a line through the two would fall short of the truth.
+        return {"peak_rss_gb_target": None, "peak_rss_gb_per_slice": per_slice,
+                "method": f"no extrapolation: the peak did not grow from {a['slices']} to {b['slices']} slices "
+                          f"(noise larger than the growth); {measure_it}"}
+    return {"peak_rss_gb_target": b["peak_rss_gb"] + per_slice * (RAM_TARGET_SLICES - b["slices"]),
+            "peak_rss_gb_per_slice": per_slice,
+            "method": f"linear extrapolation from {a['slices']} and {b['slices']} slices ({measure_it})"}
 
 
 # ------------------------------------------------------------------------------------------- the command

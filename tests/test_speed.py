@@ -201,6 +201,32 @@ def test_ram_volume_slices_zero_skips_and_bad_values_are_refused():
         parse_ram_volume_slices("-4")
 
 
+def test_peak_ram_extrapolates_only_a_peak_that_grew():
+    from nnsam_core.speed import RAM_TARGET_SLICES, format_table, peak_ram_at_target
+
+    grew = peak_ram_at_target([{"slices": 16, "peak_rss_gb": 2.0}, {"slices": 32, "peak_rss_gb": 2.16}])
+    assert grew["peak_rss_gb_target"] == pytest.approx(2.16 + 0.01 * (RAM_TARGET_SLICES - 32))
+    assert grew["method"].startswith("linear extrapolation from 16 and 32")
+    # a peak that fell (allocator noise above the growth) would extrapolate below what was measured: refused
+    fell = peak_ram_at_target([{"slices": 16, "peak_rss_gb": 2.405}, {"slices": 32, "peak_rss_gb": 2.349}])
+    assert fell["peak_rss_gb_target"] is None and "did not grow" in fell["method"]
+    assert f"--ram-volume-slices {RAM_TARGET_SLICES}" in fell["method"]
+    direct = peak_ram_at_target([{"slices": RAM_TARGET_SLICES, "peak_rss_gb": 4.04}])
+    assert direct == {"peak_rss_gb_target": 4.04, "method": f"measured at {RAM_TARGET_SLICES} slices"}
+    assert peak_ram_at_target([{"slices": 2, "peak_rss_gb": 1.0}, {"slices": 4, "peak_rss_gb": 1.1}])[
+        "peak_rss_gb_target"] is None  # below one slab: nothing to extrapolate from
+
+    result = {"device": "cpu", "peak_rss_gb": {"self": 1.0, "children": 0.5},
+              "training_iteration": {"steps_timed": 3, "batch_size": 2, "patch_size": [512, 512],
+                                     "nnunet_step_s": 2.0, "nnsam_step_s": 2.1, "train_step_ratio": 1.05,
+                                     "nnunet_data_s": 0.3, "nnsam_data_s": 0.35, "iteration_ratio": 1.06,
+                                     "encoder_calls_per_train_iteration": 0.0, "bank_fill_encoder_calls": 4},
+              "peak_ram": {"runs": [{"slices": 16, "peak_rss_gb": 2.405}, {"slices": 32, "peak_rss_gb": 2.349}],
+                           **fell}}
+    ram_row = next(line for line in format_table(result).splitlines() if f"{RAM_TARGET_SLICES} slices" in line)
+    assert "did not grow" in ram_row and "met" not in ram_row
+
+
 def test_time_to_segmentation_targets_apply_only_to_the_issue_configurations():
     from nnsam_core.speed import time_to_segmentation_target
 
