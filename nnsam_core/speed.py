@@ -23,7 +23,8 @@ Four measurements, each printed in one table (and, with ``--json``, written as J
 4. **Peak RAM of segmenting a volume**, in a fresh child process (so earlier phases do not count). Segmenting
    300 slices of 512x512 takes long on a CPU, so by default two smaller volumes are measured and the peak is
    extrapolated linearly to 300 slices (peak RAM grows linearly with the number of slices: the whole-volume
-   logits dominate); ``--ram-volume-slices 300`` measures it directly.
+   logits dominate; a pair whose peak did not grow is allocator noise and is not extrapolated);
+   ``--ram-volume-slices 300`` measures it directly.
 
 The SAM encoder is nnsam train's default (LiteMedSAM) or ``--encoder mobilesam``; ``--random-encoder`` times
 the same architecture randomly initialised, which needs no weights file (an encoder's speed does not depend on its
