@@ -9,8 +9,8 @@ import sys
 from typing import Optional, Sequence
 
 from .errors import NNSAMError
-from .methods import (DEFAULT_RECOMPUTE_SHARE, INJECT_STRIDES, MAX_EMBEDDING_VARIANTS, METHOD_HELP, METHODS,
-                      SAM_INPUTS, check_embedding_variants, check_recompute_share)
+from .methods import (DEFAULT_RECOMPUTE_SHARE, ENCODER_NAMES, INJECT_STRIDES, MAX_EMBEDDING_VARIANTS, METHOD_HELP,
+                      METHODS, SAM_INPUTS, check_embedding_variants, check_recompute_share)
 
 EPILOG = "Slices are indices along the image's third axis (axial for an axial CT; Slicer's K)."
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", help="train on all cases of this nnU-Net raw dataset folder instead")
     train.add_argument("--slices", help="annotated slice indices, e.g. 12,40,77 (default: every slice with a label)")
     train.add_argument("--class-names", help="names of label values 1..N, e.g. LV,RV,LA,RA,Myo")
-    train.add_argument("--encoder", choices=("litemedsam", "mobilesam"), default="litemedsam")
+    train.add_argument("--encoder", choices=ENCODER_NAMES, default=ENCODER_NAMES[0])
     train.add_argument("--method", choices=METHODS, default="nnsam", help=METHOD_HELP)
     train.add_argument("--preset", choices=("quick", "full"), default="quick",
                        help="quick: 1000 iterations; full: nnU-Net's 1000 epochs x 250 iterations")

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import weights
 from .errors import NNSAMError
-from .methods import SAM_INPUTS
+from .methods import ENCODER_NAMES, SAM_INPUTS
 
 EMBEDDING_CHANNELS = 256
 
@@ -71,6 +71,9 @@ ENCODERS: dict[str, EncoderSpec] = {
     "mobilesam": EncoderSpec("mobilesam", 1024, _build_mobilesam, weights.require_mobilesam,
                              "MobileSAM vit_t TinyViT (the nnSAM paper's encoder)"),
 }
+
+
+assert tuple(ENCODERS) == ENCODER_NAMES  # the commands offer exactly these
 
 
 def get_spec(name: str) -> EncoderSpec:

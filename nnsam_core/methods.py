@@ -2,6 +2,8 @@
 importing torch)."""
 
 METHODS = ("nnsam", "nnunet", "nnsam-random", "nnsam-recomputed")
+# The SAM encoders (encoders.ENCODERS has their specs), as the commands offer them; the first is the default.
+ENCODER_NAMES = ("litemedsam", "mobilesam")
 
 # What the frozen encoder is fed (encoders.input_preparation) and where its embedding may be injected
 # (in-plane downsampling of the U-Net skip).

@@ -56,7 +56,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .methods import DEFAULT_RECOMPUTE_SHARE
+from .methods import DEFAULT_RECOMPUTE_SHARE, ENCODER_NAMES
 
 RAM_TARGET_SLICES = 300
 RAM_TARGET_GB = 8.0
@@ -770,7 +770,7 @@ def add_bench_speed_parser(subparsers) -> argparse.ArgumentParser:
                    "steps, as nnsam train --recompute-share P: its step is timed as the mix of the cached and the "
                    "recomputing step, and the time-to-segmentation run trains with it (default "
                    f"{DEFAULT_RECOMPUTE_SHARE:g}, nnsam train's; 0: the cache only)")
-    p.add_argument("--encoder", choices=("litemedsam", "mobilesam"), default="litemedsam",
+    p.add_argument("--encoder", choices=ENCODER_NAMES, default=ENCODER_NAMES[0],
                    help="nnSAM's SAM encoder (default litemedsam, nnsam train's)")
     p.add_argument("--random-encoder", action="store_true",
                    help="time the encoder randomly initialised, with no weights file (its speed does not depend "

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..errors import NNSAMError
-from ..methods import (DEFAULT_RECOMPUTE_SHARE, INJECT_STRIDES, METHOD_HELP, METHODS, SAM_INPUTS,
-                       check_embedding_variants, check_recompute_share)
+from ..methods import (DEFAULT_RECOMPUTE_SHARE, ENCODER_NAMES, INJECT_STRIDES, METHOD_HELP, METHODS,
+                       SAM_INPUTS, check_embedding_variants, check_recompute_share)
 
 DESCRIPTION = """\
 Compare nnSAM with nnU-Net (and, as a control, nnSAM with a random frozen encoder) when few slices are annotated.
@@ -60,7 +60,7 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--classes", nargs="+", metavar="NAME",
                         help="classes of the headline mean (Table 1), e.g. LV RV LA RA Myo; the others are "
                              "reported separately (default: all classes)")
-    parser.add_argument("--encoder", choices=("litemedsam", "mobilesam"), default="litemedsam")
+    parser.add_argument("--encoder", choices=ENCODER_NAMES, default=ENCODER_NAMES[0])
     parser.add_argument("--sam-input", choices=SAM_INPUTS,
                         help="SAM input preparation of nnsam and nnsam-random (default: the encoder's own, as "
                         "nnsam train)")
