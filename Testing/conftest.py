@@ -50,7 +50,7 @@ class EncoderSpy:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, chest_ct):
     """A bundle fine-tuned for a few iterations on 4 annotated slices of the chest CT, plus the encoder spy."""
-    import nnsam_core.training as training
+    import nnsam_core.training.nnsam as training
     from nnsam_core import fine_tune
 
     spy = EncoderSpy()

@@ -23,7 +23,10 @@ def __getattr__(name):
     if name == "Bundle":
         from .bundle import Bundle
         return Bundle
+    if name == "NNSAMConfig":
+        from .config import NNSAMConfig
+        return NNSAMConfig
     raise AttributeError(name)
 
 
-__all__ = ["NNSAMError", "fine_tune", "segment", "Segmenter", "Bundle", "__version__"]
+__all__ = ["NNSAMError", "NNSAMConfig", "fine_tune", "segment", "Segmenter", "Bundle", "__version__"]

@@ -6,11 +6,12 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import NNSAMError
-from .methods import (DEFAULT_RECOMPUTE_SHARE, ENCODER_NAMES, INJECT_STRIDES, MAX_EMBEDDING_VARIANTS, METHOD_HELP,
-                      METHODS, SAM_INPUTS, check_embedding_variants, check_recompute_share)
+from .evaluation.command import add_evaluate_parser
+from .methods import DEFAULT_RECOMPUTE_SHARE, ENCODER_NAMES, METHOD_HELP, USER_METHODS, check_recompute_share
 
 EPILOG = "Slices are indices along the image's third axis (axial for an axial CT; Slicer's K)."
 
@@ -35,16 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = verbs.add_parser("train", help="fine-tune a model on annotated slices and save a bundle",
                              description="Fine-tune on the annotated slices of IMAGE (LABELS: label map or Slicer "
-                             ".seg.nrrd), or on an nnU-Net raw dataset (--dataset), and write a model bundle.",
+                             ".seg.nrrd), or on every case of an nnU-Net raw dataset (DATASET_DIR alone), and write a model bundle.",
                              epilog=EPILOG)
-    train.add_argument("image", nargs="?", help="image file (NIfTI, NRRD, MHA, ...) or DICOM folder")
+    train.add_argument("image", nargs="?", metavar="IMAGE|DATASET_DIR",
+                       help="image file (NIfTI, NRRD, MHA, ...) or DICOM folder; or, alone, an nnU-Net raw dataset "
+                       "folder (dataset.json, imagesTr, labelsTr) to train on all of its cases")
     train.add_argument("labels", nargs="?", help="label map with the image's geometry, or a .seg.nrrd")
     train.add_argument("-o", "--output", required=True, help="bundle folder to write")
-    train.add_argument("--dataset", help="train on all cases of this nnU-Net raw dataset folder instead")
+    train.add_argument("--dataset", help=argparse.SUPPRESS)  # the earlier spelling of DATASET_DIR alone
     train.add_argument("--slices", help="annotated slice indices, e.g. 12,40,77 (default: every slice with a label)")
     train.add_argument("--class-names", help="names of label values 1..N, e.g. LV,RV,LA,RA,Myo")
     train.add_argument("--encoder", choices=ENCODER_NAMES, default=ENCODER_NAMES[0])
-    train.add_argument("--method", choices=METHODS, default="nnsam", help=METHOD_HELP)
+    train.add_argument("--method", choices=USER_METHODS, default="nnsam", help=METHOD_HELP)
     train.add_argument("--preset", choices=("quick", "full"), default="quick",
                        help="quick: 1000 iterations; full: nnU-Net's 1000 epochs x 250 iterations")
     train.add_argument("--iterations", type=int, help="override the preset's number of training iterations "
@@ -52,37 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-size", type=int, metavar="PIXELS",
                        help="largest in-plane size nnU-Net trains at; results keep the image's resolution (default: "
                        "192 for the quick preset on a CPU, else the native resolution; 0 = always native)")
-    train.add_argument("--inject-stride", type=int, default=8, choices=INJECT_STRIDES,
-                       help="inject the SAM embedding at the skip with this downsampling (default 8, the authors')")
-    train.add_argument("--embedding-variants", type=int, default=0, metavar="K",
-                       help="also embed K copies of each training slice passed through nnU-Net's intensity "
-                       "augmentations, once before training; training draws among them and the clean one "
-                       "(default 0: the clean embedding only; at most %d)" % MAX_EMBEDDING_VARIANTS)
-    train.add_argument("--embedding-views", type=int, default=0, metavar="V",
-                       help="also embed V rotated and scaled copies of each training slice (nnU-Net's rotation and "
-                       "scaling ranges), once before training; training draws among them like the variants and "
-                       "samples each where the patch lies in it (default 0; at most %d)" % MAX_EMBEDDING_VARIANTS)
-    train.add_argument("--mirror-embeddings", action="store_true",
-                       help="a mirrored training patch samples the embedding of the mirrored slice, as recomputing "
-                       "would (SAM is not mirror-equivariant); 3 encoder calls more per training slice, once")
     train.add_argument("--recompute-share", type=float, metavar="P",
-                       help="run the encoder on the augmented patches, as nnsam-recomputed does, at a random share P "
-                       "of the training steps and sample the cached embeddings at the others (0 to 1; default "
-                       f"{DEFAULT_RECOMPUTE_SHARE:g}; 0: the cache at every step, the fastest); costs P times "
-                       "recomputing's encoder time")
-    train.add_argument("--embedding-norm", choices=("standardise", "none"), default="standardise",
-                       help="standardise SAM features per channel with training statistics (default) or not")
-    train.add_argument("--sam-input", choices=SAM_INPUTS,
-                       help="SAM encoder input: the nnU-Net-normalised slice (the authors') or that slice rescaled to "
-                       "[0, 1] (default: what the encoder was trained on: unit-range for litemedsam, nnunet for "
-                       "mobilesam)")
+                       help="share of the training steps (0 to 1) that run the SAM encoder on the augmented patches; "
+                       "the others reuse each slice's cached embedding (default "
+                       f"{DEFAULT_RECOMPUTE_SHARE:g}; 0: the cache alone, the fastest)")
     train.add_argument("--modality", default="CT", help="nnU-Net channel name deciding normalisation (CT, MR, ...)")
     _add_device(train)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue a stopped training of the same bundle")
     train.add_argument("--checkpoint-every", type=int, metavar="N",
                        help="write a resumable checkpoint every N iterations (default: every tenth of the run)")
-    train.add_argument("--keep-work-dir", action="store_true", help="keep nnU-Net's working folder")
     _add_progress(train)
     train.set_defaults(func=_train)
 
@@ -128,14 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     bimp.add_argument("output")
     bimp.set_defaults(func=_bundle_import)
 
-    for module, register in (("nnsam_core.evaluation.command", "add_evaluate_parser"),
-                             ("nnsam_core.benchmark.command", "add_benchmark_parser"),
-                             ("nnsam_core.speed", "add_bench_speed_parser")):
-        try:
-            mod = __import__(module, fromlist=[register])
-        except ImportError:
-            continue
-        getattr(mod, register)(verbs)
+    add_evaluate_parser(verbs)
     return parser
 
 
@@ -147,42 +122,37 @@ def _reporter(args, stream=None):
 def _train(args) -> int:
     from .finetune import fine_tune
 
+    if args.dataset is None and args.image is not None and args.labels is None:
+        if not (Path(args.image) / "dataset.json").is_file():
+            raise NNSAMError(f"give IMAGE and LABELS, or an nnU-Net raw dataset folder alone ({args.image} holds no "
+                             "dataset.json)")
+        args.dataset, args.image = args.image, None
     if args.dataset is None and (args.image is None or args.labels is None):
-        raise NNSAMError("give IMAGE and LABELS, or --dataset NNUNET_RAW_DIR")
+        raise NNSAMError("give IMAGE and LABELS, or an nnU-Net raw dataset folder alone")
     if args.dataset is not None and (args.image or args.labels):
-        raise NNSAMError("give either IMAGE and LABELS or --dataset, not both")
+        raise NNSAMError("give either IMAGE and LABELS or a dataset folder, not both")
     from .images import parse_slices
     slices = parse_slices(args.slices) if args.slices is not None else None  # range checked against the image
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     if names is not None and (not all(names) or len(set(names)) != len(names)):
         raise NNSAMError(f"--class-names '{args.class_names}' must be distinct, non-empty names, e.g. LV,RV,Myo")
-    check_embedding_variants(args.embedding_variants)
-    check_embedding_variants(args.embedding_views, "--embedding-views")
+    config = None
     if args.recompute_share is not None:
         check_recompute_share(args.recompute_share)
-    cache_options = (("--embedding-variants", args.embedding_variants), ("--embedding-views", args.embedding_views),
-                     ("--mirror-embeddings", args.mirror_embeddings),
-                     ("--recompute-share", args.recompute_share))  # 0 (or not given) is no SAM-branch option
-    for option, given in cache_options:
-        if given and args.method in ("nnunet", "nnsam-recomputed"):
-            raise NNSAMError(f"{option} applies to cached embeddings; method {args.method} has none")
-    config = None
-    if args.method != "nnunet":
-        from .network import NNSAMConfig
-        from .training import config_of_trainer, trainer_for
-        base = config_of_trainer(trainer_for(args.method, args.encoder))
-        config = NNSAMConfig(encoder=base.encoder, pretrained=base.pretrained, random_seed=base.random_seed,
-                             inject_stride=args.inject_stride, embedding_norm=args.embedding_norm,
-                             sam_input=args.sam_input or base.sam_input, embeddings=base.embeddings,
-                             embedding_variants=args.embedding_variants, mirror_embeddings=args.mirror_embeddings,
-                             embedding_views=args.embedding_views,
-                             recompute_share=base.recompute_share if args.recompute_share is None
-                             else args.recompute_share)
-        config = None if config == base else config
+        if args.method == "nnunet":
+            raise NNSAMError("--recompute-share applies to nnSAM's embeddings; method nnunet has none")
+        from dataclasses import replace
+
+        from .config import NNSAMConfig
+        from .methods import TRAINER_CATALOGUE, trainer_name_for
+        base = NNSAMConfig(**TRAINER_CATALOGUE[trainer_name_for(args.method, args.encoder)].config)
+        # the trainer's own settings stay None, so a resumed run keeps what it started with
+        config = None if base.recompute_share == args.recompute_share else replace(base,
+                                                                                    recompute_share=args.recompute_share)
     fine_tune(args.image, args.labels, output=args.output, nnsam_config=config, slices=slices, class_names=names,
               dataset_dir=args.dataset, encoder=args.encoder, method=args.method, preset=args.preset,
               iterations=args.iterations, device=args.device, seed=args.seed, modality=args.modality,
-              resume=args.resume, checkpoint_every=args.checkpoint_every, keep_work_dir=args.keep_work_dir,
+              resume=args.resume, checkpoint_every=args.checkpoint_every,
               max_size=args.max_size, progress=_reporter(args))
     return 0
 
@@ -239,13 +209,13 @@ def _bundle_info(args) -> int:
 
 
 def _bundle_export(args) -> int:
-    from .bundle import export_zip
+    from .bundle_files import export_zip
     print(f"exported {export_zip(args.bundle, args.zip)}")
     return 0
 
 
 def _bundle_import(args) -> int:
-    from .bundle import import_zip
+    from .bundle_files import import_zip
     print(f"imported {import_zip(args.zip, args.output)}")
     return 0
 
@@ -262,10 +232,14 @@ def interruptible() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_verb(build_parser(), argv)
+
+
+def run_verb(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` and run the chosen verb; user errors print one line and exit 2 (shared with nnsam-lab)."""
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning)  # third-party deprecation chatter, not for users
     interruptible()
-    parser = build_parser()
     args = parser.parse_args(argv)
     json_mode = getattr(args, "progress", None) == "json"
     try:

@@ -16,13 +16,14 @@ import SimpleITK as sitk
 import torch
 
 from . import __version__
-from .bundle import Bundle, exclusive_output, write_bundle
+from .bundle import Bundle
+from .bundle_files import exclusive_output, write_bundle
+from .config import NNSAM_CONFIG_FILE, NNSAMConfig
 from .devices import resolve_device
-from .encoders import get_spec, input_preparation_description
 from .errors import NNSAMError
 from .images import annotated_slices, as_volume, check_image, parse_slices, read_image, read_labels
 from .progress import ProgressCallback, make_event, silent
-from .training import config_of_trainer, trainer_for, with_nnsam_config
+from .training.registry import config_of_trainer, trainer_for
 from .workspace import (CONFIGURATION, FOLD, TrainingCase, Workspace, nnunet_output_to_stderr, plan_and_preprocess,
                         read_raw_dataset, scoped_environ, slice_case, write_raw_dataset)
 
@@ -90,12 +91,13 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
               preset: str = "quick", iterations: Optional[int] = None, device: str = "auto", seed: int = 0,
               modality: str = "CT", resume: bool = False, checkpoint_every: Optional[int] = None,
               keep_work_dir: bool = False, max_size: Optional[int] = None,
-              progress: ProgressCallback = silent, nnsam_config=None) -> Bundle:
+              progress: ProgressCallback = silent, nnsam_config: Optional[NNSAMConfig] = None) -> Bundle:
     """Fine-tune on annotated slices (``image`` + ``labels``) or an nnU-Net raw dataset (``dataset_dir``) and
     write a bundle to ``output``. Returns the loaded bundle.
 
     ``max_size``: largest in-plane size (pixels) nnU-Net trains at; None = the default (CPU_QUICK_MAX_SIZE for
-    the quick preset on a CPU, otherwise the native resolution), 0 = always the native resolution."""
+    the quick preset on a CPU, otherwise the native resolution), 0 = always the native resolution.
+    ``nnsam_config``: the SAM branch's settings (default: the method's trainer's own); the trainer records them."""
     output = Path(output)
     if preset not in PRESETS:
         raise NNSAMError(f"unknown preset '{preset}'; choose quick or full")
@@ -106,11 +108,12 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
     if max_size is not None and (max_size < 0 or 0 < max_size < 32):
         raise NNSAMError("--max-size must be 0 (native resolution) or at least 32 pixels")
     trainer_class = trainer_for(method, encoder)
-    if nnsam_config is not None:  # experiments (benchmarks) vary the SAM branch without a named trainer
-        trainer_class = with_nnsam_config(trainer_class, nnsam_config)
+    config = nnsam_config if nnsam_config is not None else config_of_trainer(trainer_class)
+    if method == "nnunet" and nnsam_config is not None:
+        raise NNSAMError("method nnunet has no SAM branch; give no nnSAM settings with it")
     torch_device = resolve_device(device)
     max_size = working_max_size(max_size, preset, torch_device)
-    if method != "nnunet" and encoder == "mobilesam" and config_of_trainer(trainer_class).pretrained:
+    if config is not None and config.encoder == "mobilesam" and config.pretrained:
         from .weights import require_mobilesam
         require_mobilesam()  # fail now, before minutes of preprocessing
 
@@ -130,7 +133,7 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
         checkpoint = workspace.output_folder(trainer_name) / "checkpoint_latest.pth"
         resuming = resume and checkpoint.is_file()
         if resuming:
-            trainer_class = _trainer_as_started(trainer_class, checkpoint.parent, nnsam_config)
+            config = _config_as_started(config, checkpoint.parent, nnsam_config)
         if not resuming and workspace.root.exists():
             shutil.rmtree(workspace.root)
         if not resuming:
@@ -138,20 +141,19 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
             progress(make_event("plan", message=f"planning nnU-Net on {len(cases)} annotated slices"))
             plans = plan_and_preprocess(workspace, max_size=max_size)
             if torch_device.type == "cpu":
-                _cap_batch_size(workspace, plans, CPU_BATCH_SIZE)
+                cap_batch_size(workspace, plans, CPU_BATCH_SIZE)
         else:
             progress(make_event("prepare", message=f"resuming from {checkpoint.name}"))
 
         total = iterations or PRESETS[preset]
         seed_everything(seed)
-        trainer = _run_trainer(workspace, trainer_class, torch_device, total, progress,
+        trainer = _run_trainer(workspace, trainer_class, config, torch_device, total, progress,
                                checkpoint if resuming else None, checkpoint_every,
                                progress_plot="end" if keep_work_dir else "never")
 
         progress(make_event("save", message=f"writing bundle {output}"))
-        manifest = _manifest(trainer, trainer_class, method, encoder, names, preset, total, seed, torch_device,
-                             trained_slices, image if isinstance(image, (str, os.PathLike)) else None, dataset_dir,
-                             max_size)
+        manifest = _manifest(trainer, names, preset, seed, torch_device, trained_slices,
+                             image if isinstance(image, (str, os.PathLike)) else None, dataset_dir, max_size)
         network = trainer._network_module() if hasattr(trainer, "_network_module") else trainer.network
         write_bundle(output, manifest, trainer.plans_manager.plans, trainer.dataset_json, network.state_dict(),
                      trainer.inference_allowed_mirroring_axes)
@@ -162,26 +164,21 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
     return bundle
 
 
-def _trainer_as_started(trainer_class, fold_dir: Path, requested):
+def _config_as_started(config: Optional[NNSAMConfig], fold_dir: Path, requested: Optional[NNSAMConfig]):
     """A resumed run keeps the SAM branch it started with, recorded beside its checkpoint, even if a default has
     changed since; a different one asked for explicitly is refused rather than mixed into one model."""
-    from .network import NNSAMConfig
-    from .training import NNSAM_CONFIG_FILE
-
     recorded_file = fold_dir / NNSAM_CONFIG_FILE
-    if config_of_trainer(trainer_class) is None or not recorded_file.is_file():
-        return trainer_class
+    if config is None or not recorded_file.is_file():
+        return config
     try:
         recorded = NNSAMConfig.from_dict(json.loads(recorded_file.read_text()))
     except (ValueError, TypeError):
-        return trainer_class  # unreadable: nothing to keep; the run goes on with the settings given now
+        return config  # unreadable: nothing to keep; the run goes on with the settings given now
     if requested is not None and requested != recorded:
         raise NNSAMError(f"the stopped training was started with other nnSAM settings "
                          f"({_config_difference(recorded, requested)}); resume it without them, or train afresh "
                          "without --resume")
-    if recorded == config_of_trainer(trainer_class):
-        return trainer_class
-    return with_nnsam_config(trainer_class, recorded)
+    return recorded
 
 
 def _config_difference(recorded, requested) -> str:
@@ -196,7 +193,7 @@ def working_max_size(requested: Optional[int], preset: str, device: torch.device
     return CPU_QUICK_MAX_SIZE if device.type == "cpu" and preset == "quick" else None
 
 
-def _cap_batch_size(workspace: Workspace, plans: dict, batch_size: int) -> None:
+def cap_batch_size(workspace: Workspace, plans: dict, batch_size: int) -> None:
     config = plans["configurations"][CONFIGURATION]
     if config["batch_size"] > batch_size:
         config["batch_size"] = batch_size
@@ -204,7 +201,8 @@ def _cap_batch_size(workspace: Workspace, plans: dict, batch_size: int) -> None:
         path.write_text(json.dumps(plans, indent=2))
 
 
-def _run_trainer(workspace: Workspace, trainer_class, device: torch.device, total_iterations: int,
+def _run_trainer(workspace: Workspace, trainer_class, config: Optional[NNSAMConfig], device: torch.device,
+                 total_iterations: int,
                  progress: ProgressCallback, resume_checkpoint: Optional[Path], checkpoint_every: Optional[int],
                  progress_plot: str):
     plans = json.loads((workspace.preprocessed_dataset / "nnUNetPlans.json").read_text())
@@ -215,6 +213,8 @@ def _run_trainer(workspace: Workspace, trainer_class, device: torch.device, tota
     da_workers = {"nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "0" if device.type == "cpu" else None)}
     with workspace.activated(), scoped_environ(da_workers), nnunet_output_to_stderr():
         trainer = trainer_class(plans, CONFIGURATION, FOLD, dataset_json, device)
+        if config is not None:
+            trainer.nnsam_config = config  # before initialisation: the network is built with it
         trainer.set_schedule(total_iterations, checkpoint_every)
         trainer.progress_callback = progress
         trainer.progress_plot = progress_plot
@@ -236,29 +236,10 @@ def _package_version(name: str):
         return None
 
 
-def _manifest(trainer, trainer_class, method, encoder, class_names, preset, total, seed, device, trained_slices,
-              image_path, dataset_dir, max_size) -> dict:
-    config = config_of_trainer(trainer_class)
-    encoder_info = {"name": None}
-    injection = None
-    if config is not None:
-        spec = get_spec(config.encoder)
-        sam = getattr(trainer, "sam_encoder", None)
-        encoder_info = {"name": config.encoder, "pretrained": config.pretrained,
-                        "weights_sha256": sam.weights_sha256 if sam is not None else None,
-                        "random_seed": None if config.pretrained else config.random_seed,
-                        "input_size": spec.input_size}
-        net = trainer._network_module()
-        injection = {"skip_index": net.inject_skip, "target_stride": config.inject_stride,
-                     "decoder_stage": net.decoder.inject_decoder_stage, "embedding_norm": config.embedding_norm}
+def _manifest(trainer, class_names, preset, seed, device, trained_slices, image_path, dataset_dir, max_size) -> dict:
     return {
-        "method": method,
-        "trainer": trainer_class.__mro__[0].__name__,
+        **trainer.describe(),
         "configuration": CONFIGURATION,
-        "encoder": encoder_info,
-        "nnsam_config": config.as_dict() if config is not None else None,
-        "injection": injection,
-        "sam_input_preparation": input_preparation_description(config.sam_input) if config is not None else None,
         "classes": [{"value": i, "name": n} for i, n in enumerate(class_names, start=1)],
         "training": {"preset": preset, "iterations": trainer.total_iterations, "seed": seed, "device": device.type,
                      "batch_size": trainer.batch_size, "slices": trained_slices, "max_size": max_size,

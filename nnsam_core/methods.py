@@ -1,31 +1,84 @@
-"""The training methods and SAM-branch options the engine offers (light: the command line reads this without
-importing torch)."""
+"""The catalogue of what the engine offers, by name: methods, encoders, SAM-branch choices and the trainers a
+bundle may name. Light on purpose: the command line and the bundle format read it without importing torch or
+nnU-Net's training stack (``nnsam_core.training.registry`` holds the classes and is checked against this)."""
 
-METHODS = ("nnsam", "nnunet", "nnsam-random", "nnsam-recomputed")
-# The SAM encoders (encoders.ENCODERS has their specs), as the commands offer them; the first is the default.
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+# What a user chooses between (nnsam train, the Slicer panel).
+USER_METHODS = ("nnsam", "nnunet")
+# Controls and references the lab also runs: the same encoder with random frozen weights; the embeddings recomputed
+# on every augmented patch at every step, as the authors' code does.
+LAB_METHODS = ("nnsam-random", "nnsam-recomputed")
+METHODS = USER_METHODS + LAB_METHODS
+
+# The SAM encoders (encoders.ENCODERS has their specs); the first is the default. Each one's SAM input
+# preparation by default: what it was trained on (see encoders.py).
 ENCODER_NAMES = ("litemedsam", "mobilesam")
+ENCODER_SAM_INPUT = {"litemedsam": "unit-range", "mobilesam": "nnunet"}
 
-# What the frozen encoder is fed (encoders.input_preparation) and where its embedding may be injected
-# (in-plane downsampling of the U-Net skip).
+# What the frozen encoder is fed (encoders.input_preparation) and where its embedding may be injected (in-plane
+# downsampling of the U-Net skip); the authors inject at the 1/8 skip.
 SAM_INPUTS = ("nnunet", "unit-range")
 INJECT_STRIDES = (2, 4, 8, 16, 32)
-# Embeddings of augmented copies per training slice (NNSAMConfig.embedding_variants, .embedding_views) at most.
-MAX_EMBEDDING_VARIANTS = 64
-# Share of the training steps that run the encoder on the augmented patches (NNSAMConfig.recompute_share) unless
-# told otherwise. The cache alone fell about 4.5 Dice points below recomputing every step on CHD at 192x192; a tenth
-# share reached recomputing's level over three seeds, for 1-3% more time per 512x512 training step on a CPU and a
-# third more at 192x192 (docs/benchmarks/chd_recompute_share10_cpu192_q1000, docs/speed/cpu.md). Until 2026-11-28
-# the default was 0 (the cache at every step).
+DEFAULT_INJECT_STRIDE = 8
+EMBEDDING_NORMS = ("standardise", "none")
+EMBEDDING_MODES = ("cached", "recomputed")
+
+# Share of the training steps that run the encoder on the augmented patches while the others sample the cache.
+# The cache alone cannot follow nnU-Net's intensity augmentations; a tenth of the steps recomputing brought it to
+# recomputing's accuracy for a small share of its cost (docs/results.md, "Recompute share").
 DEFAULT_RECOMPUTE_SHARE = 0.1
-# What a record written before the share was recorded, or while it defaulted to 0, trained with.
+# What a record that names no share trained with: the share came after those records (the cache alone).
 LEGACY_RECOMPUTE_SHARE = 0.0
 
 
-def check_embedding_variants(count: int, option: str = "--embedding-variants") -> None:
-    """The one-line error for an --embedding-variants (or --embedding-views) the engine cannot honour."""
-    if not 0 <= count <= MAX_EMBEDDING_VARIANTS:
-        from .errors import NNSAMError
-        raise NNSAMError(f"{option} must be 0 to {MAX_EMBEDDING_VARIANTS}, not {count}")
+@dataclass(frozen=True)
+class TrainerEntry:
+    """A trainer a bundle or an nnU-Net results folder may name: its method and its SAM branch (None: none),
+    as NNSAMConfig fields that differ from the defaults."""
+
+    method: str
+    config: Optional[dict] = field(default=None)
+
+
+_NNSAM = TrainerEntry("nnsam", {})
+# Trainers a bundle or results folder may name; anything else is refused (they are untrusted input).
+TRAINER_CATALOGUE: dict[str, TrainerEntry] = {
+    "nnUNetTrainer": TrainerEntry("nnunet"),
+    "nnUNetTrainerFewShot": TrainerEntry("nnunet"),
+    "nnUNetTrainerNNSAM": _NNSAM,
+    "nnUNetTrainerNNSAM_MobileSAM": TrainerEntry("nnsam", {"encoder": "mobilesam"}),
+    "nnUNetTrainerNNSAMCached": TrainerEntry("nnsam", {"recompute_share": 0.0}),
+    "nnUNetTrainerNNSAMRandom": TrainerEntry("nnsam-random", {"pretrained": False}),
+    "nnUNetTrainerNNSAMRandom_MobileSAM": TrainerEntry("nnsam-random", {"encoder": "mobilesam", "pretrained": False}),
+    "nnUNetTrainerNNSAMRecomputed": TrainerEntry("nnsam-recomputed", {"embeddings": "recomputed",
+                                                                      "recompute_share": 0.0}),
+    **{f"nnUNetTrainerNNSAM_{schedule}": _NNSAM
+       for schedule in ("debug", "1epoch", "10epochs", "50epochs", "250epochs", "full")},
+}
+# The trainer each (method, encoder) trains with.
+TRAINER_FOR = {
+    ("nnunet", "litemedsam"): "nnUNetTrainerFewShot",
+    ("nnunet", "mobilesam"): "nnUNetTrainerFewShot",
+    ("nnsam", "litemedsam"): "nnUNetTrainerNNSAM",
+    ("nnsam", "mobilesam"): "nnUNetTrainerNNSAM_MobileSAM",
+    ("nnsam-random", "litemedsam"): "nnUNetTrainerNNSAMRandom",
+    ("nnsam-random", "mobilesam"): "nnUNetTrainerNNSAMRandom_MobileSAM",
+    ("nnsam-recomputed", "litemedsam"): "nnUNetTrainerNNSAMRecomputed",
+}
+
+
+def trainer_name_for(method: str, encoder: str) -> str:
+    from .errors import NNSAMError
+    try:
+        return TRAINER_FOR[(method, encoder)]
+    except KeyError:
+        if method in METHODS:
+            raise NNSAMError(f"method '{method}' is not available with the {encoder} encoder") from None
+        raise NNSAMError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}") from None
 
 
 def check_recompute_share(share: float) -> None:
@@ -35,6 +88,7 @@ def check_recompute_share(share: float) -> None:
         raise NNSAMError(f"--recompute-share must be 0 to 1 (a share of the training steps), not {share:g}")
 
 
-METHOD_HELP = ("nnsam; nnunet (no SAM branch, same pipeline); nnsam-random (random frozen encoder, the control for "
-               "pretrained features); nnsam-recomputed (embeddings recomputed on every patch at every training "
-               "step, as the authors' code does: the embedding cache's accuracy reference; slow)")
+METHOD_HELP = "nnsam (default); nnunet: plain nnU-Net through the same pipeline, without the SAM branch"
+LAB_METHOD_HELP = (METHOD_HELP + "; nnsam-random: the same encoder with random frozen weights (the control for "
+                   "pretrained features); nnsam-recomputed: embeddings recomputed on every patch at every step, as "
+                   "the authors' code does (the reference for the cache; slow)")

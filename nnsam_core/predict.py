@@ -2,7 +2,7 @@
 
 nnU-Net does the work (preprocessing, sliding window with Gaussian weighting and mirroring, resampling back);
 nnSAM adds one encoder call per slice: the volume is processed in slabs, each slab's slice embeddings are
-computed in one batch and reused by every tile and mirrored pass (see :mod:`nnsam_core.network`).
+computed in one batch and reused by every tile and mirrored pass (see :mod:`nnsam_core.model.grid`).
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .bundle import Bundle, default_mode
+from .bundle import Bundle
+from .bundle_files import default_mode
 from .devices import resolve_device
 from .encoders import load_encoder
 from .errors import NNSAMError
 from .images import as_volume, check_image, read_image
-from .network import EmbeddingBank, NNSAMConfig, build_nnsam_network, grid_channels
+from .model.bank import EmbeddingBank
+from .model.grid import grid_channels
+from .model.network import build_nnsam_network
 from .progress import ProgressCallback, make_event, silent
 from .workspace import CONFIGURATION, nnunet_output_to_stderr
 
@@ -43,7 +46,7 @@ class Segmenter:
         self.plans_manager = PlansManager(bundle.plans)
         self.configuration_manager = self.plans_manager.get_configuration(CONFIGURATION)
         self.label_manager = self.plans_manager.get_label_manager(bundle.dataset_json)
-        self.config = NNSAMConfig.from_dict(bundle.manifest["nnsam_config"]) if bundle.manifest.get("nnsam_config") else None
+        self.config = bundle.nnsam_config
         self.network = self._build_network()
         self.encoder = None
         self.encoder_calls = 0

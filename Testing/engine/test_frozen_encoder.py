@@ -8,7 +8,8 @@ import torch
 
 from nnsam_core.bundle import MODEL_FILE
 from nnsam_core.encoders import load_encoder
-from nnsam_core.network import EmbeddingBank, GRID_CHANNELS, grid_channels
+from nnsam_core.model.bank import EmbeddingBank
+from nnsam_core.model.grid import GRID_CHANNELS, grid_channels
 from nnsam_core.predict import Segmenter
 
 
@@ -129,7 +130,7 @@ def test_sam_input_preparations():
 
 
 def test_sam_input_defaults_to_the_encoders_convention_and_is_recorded(trained):
-    from nnsam_core.network import NNSAMConfig
+    from nnsam_core.config import NNSAMConfig
 
     assert NNSAMConfig().sam_input == "unit-range"                      # LiteMedSAM was trained on [0, 1]
     assert NNSAMConfig(encoder="mobilesam").sam_input == "nnunet"       # SAM on ImageNet-standardised pixels

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from nnsam_core.network import NNSAMConfig, build_nnsam_network, choose_inject_skip, grid_channels
+from nnsam_core.config import NNSAMConfig
+from nnsam_core.model.decoder import choose_inject_skip
+from nnsam_core.model.grid import grid_channels
+from nnsam_core.model.network import build_nnsam_network
 
 
 @pytest.mark.parametrize("strides, target, expected", [
@@ -109,10 +112,11 @@ def test_embeddings_mode_is_validated_and_old_bundles_read_as_cached():
 
 def test_recomputed_method_names_its_trainer():
     from nnsam_core.errors import NNSAMError
-    from nnsam_core.training import method_of_trainer, nnUNetTrainerNNSAMRecomputed, trainer_for
+    from nnsam_core.training.registry import trainer_for
+    from nnsam_core.training.variants import nnUNetTrainerNNSAMRecomputed
 
     assert trainer_for("nnsam-recomputed", "litemedsam") is nnUNetTrainerNNSAMRecomputed
-    assert method_of_trainer(nnUNetTrainerNNSAMRecomputed) == "nnsam-recomputed"
+    assert nnUNetTrainerNNSAMRecomputed.nnsam_config.method == "nnsam-recomputed"
     with pytest.raises(NNSAMError, match="not available with the mobilesam encoder"):
         trainer_for("nnsam-recomputed", "mobilesam")
     with pytest.raises(NNSAMError, match="unknown method"):

@@ -78,16 +78,14 @@ def test_nnunetv2_train_with_nnsam_trainer(tmp_path, chest_ct):
     assert set(np.unique(sitk.GetArrayFromImage(result)).tolist()) <= set(range(len(labels.class_names) + 1))
 
 
-@pytest.mark.parametrize("name, share", [("nnUNetTrainerNNSAM", "0.1"), ("nnUNetTrainerNNSAMCached", "0.0"),
-                                         ("nnUNetTrainerNNSAMPartialRecompute", "0.25")])
+@pytest.mark.parametrize("name, share", [("nnUNetTrainerNNSAM", "0.1"), ("nnUNetTrainerNNSAMCached", "0.0")])
 def test_nnunets_trainer_lookup_finds_each_recompute_share_variant(name, share):
     env = dict(os.environ, nnUNet_extTrainer=str(Path(nnsam_core.__file__).parent / "trainers"))
     code = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"
-            "from nnsam_core.training import method_of_trainer\n"
             f"trainer = find('{name}')\n"
-            "print(trainer.nnsam_config.recompute_share, trainer.nnsam_config.embeddings, method_of_trainer(trainer))")
+            "print(trainer.nnsam_config.recompute_share, trainer.nnsam_config.embeddings, trainer.nnsam_config.method)")
     found = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert found.returncode == 0, found.stderr[-2000:]
     assert found.stdout.split()[-3:] == [share, "cached", "nnsam"]
-    from nnsam_core.training import ALLOWED_TRAINER_NAMES
-    assert name in ALLOWED_TRAINER_NAMES   # its results folders can be read
+    from nnsam_core.methods import TRAINER_CATALOGUE
+    assert name in TRAINER_CATALOGUE   # its results folders can be read

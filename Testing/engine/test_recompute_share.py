@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from nnsam_core.errors import NNSAMError
-from nnsam_core.network import NNSAMConfig, NNSAMNet, build_nnsam_network, grid_channels
+from nnsam_core.config import NNSAMConfig
+from nnsam_core.model.grid import grid_channels
+from nnsam_core.model.network import NNSAMNet, build_nnsam_network
 
 
 def test_share_is_validated_and_old_configs_have_none():
@@ -98,8 +100,10 @@ def test_fine_tune_recomputes_a_share_of_the_steps_and_records_it(chest_ct, tmp_
 # ----------------------------------------------------------------------------------------- the default share
 def test_nnsam_trains_at_a_tenth_by_default_and_the_cached_variant_at_none():
     from nnsam_core.methods import DEFAULT_RECOMPUTE_SHARE
-    from nnsam_core.training import (config_of_trainer, nnUNetTrainerNNSAM, nnUNetTrainerNNSAMCached,
-                                     nnUNetTrainerNNSAMRandom, nnUNetTrainerNNSAMRecomputed)
+    from nnsam_core.training.nnsam import nnUNetTrainerNNSAM
+    from nnsam_core.training.registry import config_of_trainer
+    from nnsam_core.training.variants import (nnUNetTrainerNNSAMCached, nnUNetTrainerNNSAMRandom,
+                                              nnUNetTrainerNNSAMRecomputed)
 
     assert DEFAULT_RECOMPUTE_SHARE == 0.1 == NNSAMConfig().recompute_share
     assert config_of_trainer(nnUNetTrainerNNSAM).recompute_share == 0.1
@@ -109,12 +113,11 @@ def test_nnsam_trains_at_a_tenth_by_default_and_the_cached_variant_at_none():
 
 
 @pytest.mark.parametrize("argv, share", [([], 0.1), (["--recompute-share", "0"], 0.0),
-                                         (["--recompute-share", "0.25"], 0.25),
-                                         (["--method", "nnsam-random"], 0.1)])
+                                         (["--recompute-share", "0.25"], 0.25)])
 def test_nnsam_train_passes_the_default_share_or_the_one_given(argv, share, monkeypatch, tmp_path):
     import nnsam_core.finetune as finetune
     from nnsam_core.cli import main
-    from nnsam_core.training import config_of_trainer, trainer_for
+    from nnsam_core.training.registry import config_of_trainer, trainer_for
 
     seen = {}
     monkeypatch.setattr(finetune, "fine_tune", lambda *a, **kw: seen.update(kw))
@@ -123,38 +126,14 @@ def test_nnsam_train_passes_the_default_share_or_the_one_given(argv, share, monk
     assert config.recompute_share == share and config.embeddings == "cached"
 
 
-def test_nnunet_and_recomputed_take_no_share_unless_one_is_forced_on_them(monkeypatch, tmp_path, capsys):
+def test_nnunet_takes_no_share(monkeypatch, tmp_path, capsys):
     import nnsam_core.finetune as finetune
     from nnsam_core.cli import main
 
     monkeypatch.setattr(finetune, "fine_tune", lambda *a, **kw: None)
-    for method in ("nnunet", "nnsam-recomputed"):
-        assert main(["train", "i.nrrd", "l.nrrd", "-o", str(tmp_path / "b"), "--method", method]) == 0
-        assert main(["train", "i.nrrd", "l.nrrd", "-o", str(tmp_path / "b"), "--method", method,
-                     "--recompute-share", "0"]) == 0
-        assert main(["train", "i.nrrd", "l.nrrd", "-o", str(tmp_path / "b"), "--method", method,
-                     "--recompute-share", "0.1"]) == 2
-        assert "--recompute-share applies to cached embeddings" in capsys.readouterr().err
+    assert main(["train", "i.nrrd", "l.nrrd", "-o", str(tmp_path / "b"), "--method", "nnunet"]) == 0
+    assert main(["train", "i.nrrd", "l.nrrd", "-o", str(tmp_path / "b"), "--method", "nnunet",
+                 "--recompute-share", "0.1"]) == 2
+    assert "--recompute-share applies to nnSAM's embeddings; method nnunet has none" in capsys.readouterr().err
 
 
-def test_benchmark_folders_never_mix_runs_from_before_the_default_changed(tmp_path):
-    from nnsam_core.benchmark.runner import Plan, Settings, init_state
-
-    def plan(methods, share=None):
-        return Plan(settings=Settings(protocol="slices", dataset="/d", split="patient", test_fraction=0.25,
-                                      recompute_share=share), methods=methods, sizes=[4])
-
-    assert plan(["nnsam"]).settings.recompute_share == 0.1       # recorded even when it is the default
-    assert plan(["nnsam"]).settings.nnsam_config("nnsam-recomputed") is None  # its trainer as it is: no share
-    assert plan(["nnsam"], share=0.25).settings.nnsam_config("nnsam").recompute_share == 0.25
-    # a folder written while the default was the cache alone recorded no share
-    init_state(tmp_path, plan(["nnsam"]), {}, "old")
-    state = json.loads((tmp_path / "benchmark.json").read_text())
-    del state["settings"]["recompute_share"]
-    (tmp_path / "benchmark.json").write_text(json.dumps(state))
-    with pytest.raises(NNSAMError, match=r"another -o REPORT_DIR \(or --recompute-share 0 to continue it\)"):
-        init_state(tmp_path, plan(["nnsam", "nnunet"]), {}, "today's default")
-    init_state(tmp_path, plan(["nnsam"], share=0.0), {}, "as it was")
-    init_state(tmp_path, plan(["nnunet"]), {}, "nnunet alone does not depend on it")
-    commands = [i["command"] for i in json.loads((tmp_path / "benchmark.json").read_text())["invocations"]]
-    assert commands == ["old", "as it was", "nnunet alone does not depend on it"]

@@ -20,7 +20,8 @@ import torch
 
 from conftest import CHEST_SLICES
 from nnsam_core import bundle as bundle_module
-from nnsam_core.bundle import Bundle, export_zip, import_zip
+from nnsam_core.bundle import Bundle
+from nnsam_core.bundle_files import export_zip, import_zip
 from nnsam_core.errors import NNSAMError
 from nnsam_core.weights import sha256_of
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnsam_core.benchmark import data as bdata
-from nnsam_core.benchmark.runner import Plan, Settings, run_in_volume_benchmark, run_slices_benchmark
-from nnsam_core.benchmark.splits import (Unit, default_split_mode, evenly_spaced, make_split, make_units,
+from nnsam_lab.benchmark import data as bdata
+from nnsam_lab.benchmark.runner import Plan, Settings, run_in_volume_benchmark, run_slices_benchmark
+from nnsam_lab.benchmark.splits import (Unit, default_split_mode, evenly_spaced, make_split, make_units,
                                          patient_ids)
-from nnsam_core.cli import main
+from nnsam_lab.cli import main
 from nnsam_core.errors import NNSAMError
 
 CLASSES = ["disk", "square"]
@@ -290,7 +290,8 @@ def test_sam_input_is_a_setting_of_the_nnsam_methods(finished_report):
     plan.settings.dataset = str(ds.resolve())
     assert "sam_input" not in plan.settings.comparable()  # default: folders written before the setting still match
     assert plan.settings.sam_input is None
-    from nnsam_core.training import config_of_trainer, nnUNetTrainerNNSAM
+    from nnsam_core.training.nnsam import nnUNetTrainerNNSAM
+    from nnsam_core.training.registry import config_of_trainer
     assert plan.settings.nnsam_config("nnsam") == config_of_trainer(nnUNetTrainerNNSAM)  # the default share only
     plan.settings.sam_input = "unit-range"
     assert plan.settings.nnsam_config("nnunet") is None
@@ -316,7 +317,7 @@ def test_inject_stride_is_a_setting_of_the_nnsam_methods(finished_report):
 
 def test_report_marks_missing_runs_as_partial(finished_report, tmp_path):
     import shutil
-    from nnsam_core.benchmark.report import write_report
+    from nnsam_lab.benchmark.report import write_report
 
     _, report_dir, _, _ = finished_report
     copy = tmp_path / "copy"
@@ -328,7 +329,7 @@ def test_report_marks_missing_runs_as_partial(finished_report, tmp_path):
 
 def test_report_compares_nnsam_with_its_random_encoder_control(finished_report, tmp_path):
     import shutil
-    from nnsam_core.benchmark.report import write_report
+    from nnsam_lab.benchmark.report import write_report
 
     _, report_dir, _, _ = finished_report
     copy = tmp_path / "copy"
@@ -353,7 +354,7 @@ def _scored_run(method, dice_by_item, seed=0):
 
 
 def test_paired_differences_count_patients_by_their_mean_difference():
-    from nnsam_core.benchmark.report import Results
+    from nnsam_lab.benchmark.report import Results
 
     base = {"a1": 50.0, "a2": 50.0, "a3": 50.0, "b1": 50.0}
     better = {"a1": 60.0, "a2": 49.0, "a3": 49.0, "b1": 45.0}  # patient a: +10, -1, -1 (mean +2.7); b: -5
@@ -368,7 +369,7 @@ def test_paired_differences_count_patients_by_their_mean_difference():
 
 
 def test_seed_means_and_their_spread_are_reported_where_a_method_ran_several_seeds():
-    from nnsam_core.benchmark.report import Results, _seed_section
+    from nnsam_lab.benchmark.report import Results, _seed_section
 
     runs = [_scored_run("nnsam", {"a": 40.0, "b": 60.0}, seed=0),
             _scored_run("nnsam", {"a": 30.0, "b": float("nan")}, seed=1),
@@ -383,7 +384,7 @@ def test_seed_means_and_their_spread_are_reported_where_a_method_ran_several_see
 
 def test_report_of_a_folder_copied_without_its_data_skips_only_the_examples(finished_report, tmp_path):
     import shutil
-    from nnsam_core.benchmark.report import write_report
+    from nnsam_lab.benchmark.report import write_report
 
     _, report_dir, _, _ = finished_report
     copy = tmp_path / "copy"
@@ -466,7 +467,6 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
     ds = _write_dataset(tmp_path / "Dataset994_Syn")
     assert main(["benchmark", str(ds), "-o", str(tmp_path / "r"), "--sizes", "50", "--dry-run"]) == 2
     assert main(["benchmark", str(ds), "-o", str(tmp_path / "r"), "--sizes", "2", "--classes", "LV", "--dry-run"]) == 2
-    assert main(["benchmark", str(ds), "-o", str(tmp_path / "r"), "--embedding-variants", "-1", "--dry-run"]) == 2
     assert main(["benchmark", str(ds), "-o", str(tmp_path / "r"), "--recompute-share", "-1", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "--sizes" in err and "LV" in err
@@ -480,7 +480,7 @@ def test_processes_sharing_a_report_folder_record_every_invocation(tmp_path):
     once; each invocation must be recorded and benchmark.json never be torn."""
     import multiprocessing
 
-    from nnsam_core.benchmark.runner import load_state
+    from nnsam_lab.benchmark.runner import load_state
 
     methods = ("nnsam", "nnunet", "nnsam-random", "nnsam-recomputed")
     ctx = multiprocessing.get_context("spawn")
@@ -501,10 +501,33 @@ INVOCATIONS_PER_PROCESS = 40
 
 
 def _record_invocations(report_dir: str, method: str, start_together) -> None:
-    from nnsam_core.benchmark.runner import init_state
+    from nnsam_lab.benchmark.runner import init_state
 
     settings = Settings(protocol="slices", dataset="/data/Dataset901_CHD", split="patient", test_fraction=0.33)
     plan = Plan(settings=settings, methods=[method], sizes=[4])
     start_together.wait(240)
     for _ in range(INVOCATIONS_PER_PROCESS):
         init_state(Path(report_dir), plan, {"dataset_name": "Dataset901_CHD"}, f"nnsam benchmark --methods {method}")
+
+
+def test_benchmark_folders_never_mix_runs_from_before_the_default_changed(tmp_path):
+    from nnsam_lab.benchmark.runner import Plan, Settings, init_state
+
+    def plan(methods, share=None):
+        return Plan(settings=Settings(protocol="slices", dataset="/d", split="patient", test_fraction=0.25,
+                                      recompute_share=share), methods=methods, sizes=[4])
+
+    assert plan(["nnsam"]).settings.recompute_share == 0.1       # recorded even when it is the default
+    assert plan(["nnsam"]).settings.nnsam_config("nnsam-recomputed") is None  # its trainer as it is: no share
+    assert plan(["nnsam"], share=0.25).settings.nnsam_config("nnsam").recompute_share == 0.25
+    # a folder written while the default was the cache alone recorded no share
+    init_state(tmp_path, plan(["nnsam"]), {}, "old")
+    state = json.loads((tmp_path / "benchmark.json").read_text())
+    del state["settings"]["recompute_share"]
+    (tmp_path / "benchmark.json").write_text(json.dumps(state))
+    with pytest.raises(NNSAMError, match=r"another -o REPORT_DIR \(or --recompute-share 0 to continue it\)"):
+        init_state(tmp_path, plan(["nnsam", "nnunet"]), {}, "today's default")
+    init_state(tmp_path, plan(["nnsam"], share=0.0), {}, "as it was")
+    init_state(tmp_path, plan(["nnunet"]), {}, "nnunet alone does not depend on it")
+    commands = [i["command"] for i in json.loads((tmp_path / "benchmark.json").read_text())["invocations"]]
+    assert commands == ["old", "as it was", "nnunet alone does not depend on it"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nnsam_core.benchmark.probe import fit_and_score
+from nnsam_lab.probe import fit_and_score
 
 
 def _labels(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:

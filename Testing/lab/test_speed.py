@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 from nnsam_core.errors import NNSAMError
-from nnsam_core.speed import SliceSource, annotated_indices, format_table, parse_ram_volume_slices
+from nnsam_lab.speed import SliceSource, annotated_indices, format_table, parse_ram_volume_slices
 
 
 @pytest.mark.parametrize("sam_option, share", [(["--compare-recomputed", "--recompute-share", "0"], 0.0),
                                                ([], 0.1)])  # the cache alone; nnsam train's default share
 def test_bench_speed_tiny_end_to_end(tmp_path, sam_option, share):
     out = tmp_path / "speed.json"
-    cmd = [sys.executable, "-m", "nnsam_core.cli", "bench-speed", "--device", "cpu", "--size", "64",
+    cmd = [sys.executable, "-m", "nnsam_lab.cli", "bench-speed", "--device", "cpu", "--size", "64",
            "--steps", "2", "--warmup", "0", "--slices", "2", "--iterations", "1", "--ram-volume-slices", "2",
            *sam_option, "--json", str(out), "--work-dir", str(tmp_path / "scratch" / "new")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=dict(os.environ))
@@ -67,7 +67,7 @@ def test_bench_speed_tiny_end_to_end(tmp_path, sam_option, share):
 def test_bench_speed_refuses_a_work_dir_it_cannot_create(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    cmd = [sys.executable, "-m", "nnsam_core.cli", "bench-speed", "--device", "cpu", "--size", "64", "--synthetic",
+    cmd = [sys.executable, "-m", "nnsam_lab.cli", "bench-speed", "--device", "cpu", "--size", "64", "--synthetic",
            "--work-dir", str(blocker / "work")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert proc.returncode != 0
@@ -137,7 +137,7 @@ def test_table_with_a_recompute_share_judges_the_mixed_step():
 
 
 def test_bench_speed_refuses_a_share_outside_0_to_1():
-    cmd = [sys.executable, "-m", "nnsam_core.cli", "bench-speed", "--device", "cpu", "--synthetic",
+    cmd = [sys.executable, "-m", "nnsam_lab.cli", "bench-speed", "--device", "cpu", "--synthetic",
            "--recompute-share", "1.5"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert proc.returncode != 0
@@ -148,7 +148,7 @@ def test_bench_speed_times_mobilesam_randomly_initialised_without_its_weights(tm
     """--encoder mobilesam --random-encoder: both nnSAM trainers run MobileSAM's 1024-pixel encoder, built from
     no weights file (the test's cache holds none)."""
     out = tmp_path / "speed.json"
-    cmd = [sys.executable, "-m", "nnsam_core.cli", "bench-speed", "--device", "cpu", "--size", "64", "--synthetic",
+    cmd = [sys.executable, "-m", "nnsam_lab.cli", "bench-speed", "--device", "cpu", "--size", "64", "--synthetic",
            "--steps", "1", "--warmup", "0", "--skip-segmentation", "--encoder", "mobilesam", "--random-encoder",
            "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=dict(os.environ))
@@ -164,7 +164,7 @@ def test_bench_speed_times_mobilesam_randomly_initialised_without_its_weights(tm
 
 def test_bench_speed_without_mobilesam_weights_says_how_to_get_them_or_time_without(tmp_path):
     env = dict(os.environ, NNSAM_CACHE_DIR=str(tmp_path / "empty-cache"))
-    cmd = [sys.executable, "-m", "nnsam_core.cli", "bench-speed", "--device", "cpu", "--synthetic",
+    cmd = [sys.executable, "-m", "nnsam_lab.cli", "bench-speed", "--device", "cpu", "--synthetic",
            "--encoder", "mobilesam", "--work-dir", str(tmp_path / "work")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode != 0
@@ -174,8 +174,8 @@ def test_bench_speed_without_mobilesam_weights_says_how_to_get_them_or_time_with
 
 
 def test_on_encoder_feeds_the_new_encoder_its_own_input():
-    from nnsam_core.network import NNSAMConfig
-    from nnsam_core.speed import on_encoder
+    from nnsam_core.config import NNSAMConfig
+    from nnsam_lab.speed import on_encoder
 
     default = NNSAMConfig()
     assert on_encoder(default, "litemedsam", random_weights=False) is default
@@ -186,7 +186,7 @@ def test_on_encoder_feeds_the_new_encoder_its_own_input():
 
 
 def test_bench_speed_is_registered():
-    from nnsam_core.cli import build_parser
+    from nnsam_lab.cli import build_parser
     args = build_parser().parse_args(["bench-speed", "--size", "128", "--slices", "3"])
     assert args.size == 128 and args.slices == 3 and callable(args.func)
 
@@ -202,7 +202,7 @@ def test_ram_volume_slices_zero_skips_and_bad_values_are_refused():
 
 
 def test_peak_ram_extrapolates_only_a_peak_that_grew():
-    from nnsam_core.speed import RAM_TARGET_SLICES, format_table, peak_ram_at_target
+    from nnsam_lab.speed import RAM_TARGET_SLICES, format_table, peak_ram_at_target
 
     grew = peak_ram_at_target([{"slices": 16, "peak_rss_gb": 2.0}, {"slices": 32, "peak_rss_gb": 2.16}])
     assert grew["peak_rss_gb_target"] == pytest.approx(2.16 + 0.01 * (RAM_TARGET_SLICES - 32))
@@ -228,7 +228,7 @@ def test_peak_ram_extrapolates_only_a_peak_that_grew():
 
 
 def test_time_to_segmentation_targets_apply_only_to_the_issue_configurations():
-    from nnsam_core.speed import time_to_segmentation_target
+    from nnsam_lab.speed import time_to_segmentation_target
 
     assert time_to_segmentation_target([512, 512, 64], "cpu") == (20.0, True)
     assert time_to_segmentation_target([512, 512, 200], "cuda") == (2.0, True)
@@ -236,49 +236,16 @@ def test_time_to_segmentation_targets_apply_only_to_the_issue_configurations():
     assert time_to_segmentation_target([256, 256, 64], "cpu")[1] is False
 
 
-@pytest.mark.parametrize("policy, expected", [
-    ("checkpoints", list(range(3, 40, 4))),  # a checkpoint every 4th epoch, the last one included
-    ("end", [39]),
-    ("never", []),
-])
-def test_progress_plot_is_drawn_only_as_often_as_asked(monkeypatch, policy, expected):
-    """nnU-Net redraws progress.png after every epoch (about 1.4 s each); the few-shot trainer draws it with its
-    checkpoints (nnUNetv2_train), at the end (a kept work folder) or never (fine_tune deletes the folder)."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    from nnsam_core.training import nnUNetTrainerFewShot
-
-    drawn = []
-
-    class Logger:
-        def plot_progress_png(self, folder):
-            drawn.append(trainer.current_epoch)
-
-    def epoch_end(self):  # the part of nnU-Net's on_epoch_end that matters here
-        self.logger.plot_progress_png("output")
-        self.current_epoch += 1
-
-    monkeypatch.setattr(nnUNetTrainer, "on_epoch_end", epoch_end)
-    trainer = object.__new__(nnUNetTrainerFewShot)
-    trainer.logger, trainer.current_epoch = Logger(), 0
-    trainer.set_schedule(1000)  # 40 epochs of 25 iterations, a checkpoint every 4th epoch
-    trainer.progress_plot = policy
-    for _ in range(trainer.num_epochs):
-        trainer.on_epoch_end()
-    assert drawn == expected
-    assert "plot_progress_png" not in vars(trainer.logger)  # the method is back after every skipped epoch
-
-
 def test_trainers_already_built_are_shut_down_when_a_later_build_fails(monkeypatch):
     import contextlib
 
     import torch
 
-    from nnsam_core import speed
+    from nnsam_lab import speed
 
     built, shut_down = [], []
 
-    def build(trainer_class, workspace, device, seed):
+    def build(trainer_class, workspace, device, seed, config=None):
         if len(built) == 1:
             raise RuntimeError("second trainer cannot be built")
         built.append(trainer_class.__name__)
@@ -292,27 +259,3 @@ def test_trainers_already_built_are_shut_down_when_a_later_build_fails(monkeypat
     with pytest.raises(RuntimeError, match="second trainer"):
         speed.measure_training_iteration(Workspace(), torch.device("cpu"), steps=1, warmup=0)
     assert built == ["nnUNetTrainerFewShot"] and shut_down == built
-
-
-@pytest.mark.parametrize("keep_work_dir, draws", [(False, 0), (True, 1)])
-def test_fine_tune_draws_the_progress_plot_only_for_a_kept_work_folder(chest_ct, tmp_path, monkeypatch,
-                                                                       keep_work_dir, draws):
-    from nnunetv2.training.logging.nnunet_logger import MetaLogger
-
-    from conftest import CHEST_SLICES
-    from nnsam_core.finetune import _work_dir_for, fine_tune
-
-    drawn = []
-    draw = MetaLogger.plot_progress_png
-
-    def counted_draw(self, folder):
-        drawn.append(folder)
-        return draw(self, folder)
-
-    monkeypatch.setattr(MetaLogger, "plot_progress_png", counted_draw)
-    output = tmp_path / "model.nnsam"
-    fine_tune(*chest_ct, output=output, slices=CHEST_SLICES, method="nnunet", iterations=2, checkpoint_every=1,
-              device="cpu", keep_work_dir=keep_work_dir)
-    assert len(drawn) == draws  # two epochs, each ending in a checkpoint
-    plots = list(_work_dir_for(output).rglob("progress.png"))
-    assert len(plots) == draws

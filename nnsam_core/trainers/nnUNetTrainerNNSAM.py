@@ -6,9 +6,9 @@
 nnU-Net imports this file as a top-level module; the classes themselves live in ``nnsam_core.training``.
 """
 
-from nnsam_core.training import (  # noqa: F401  (re-exported for nnU-Net's trainer lookup)
-    nnUNetTrainerFewShot,
-    nnUNetTrainerNNSAM,
+from nnsam_core.training.fewshot import nnUNetTrainerFewShot  # noqa: F401  (re-exported for nnU-Net's lookup)
+from nnsam_core.training.nnsam import nnUNetTrainerNNSAM  # noqa: F401
+from nnsam_core.training.variants import (  # noqa: F401
     nnUNetTrainerNNSAM_debug,
     nnUNetTrainerNNSAM_1epoch,
     nnUNetTrainerNNSAM_10epochs,
@@ -16,9 +16,8 @@ from nnsam_core.training import (  # noqa: F401  (re-exported for nnU-Net's trai
     nnUNetTrainerNNSAM_250epochs,
     nnUNetTrainerNNSAM_full,
     nnUNetTrainerNNSAM_MobileSAM,
+    nnUNetTrainerNNSAMCached,
     nnUNetTrainerNNSAMRandom,
     nnUNetTrainerNNSAMRandom_MobileSAM,
     nnUNetTrainerNNSAMRecomputed,
-    nnUNetTrainerNNSAMCached,
-    nnUNetTrainerNNSAMPartialRecompute,
 )

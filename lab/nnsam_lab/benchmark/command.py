@@ -1,12 +1,12 @@
-"""The ``nnsam benchmark`` verb (registered by nnsam_core.cli through :func:`add_benchmark_parser`)."""
+"""The ``nnsam-lab benchmark`` verb (registered by nnsam_lab.cli through :func:`add_benchmark_parser`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..errors import NNSAMError
-from ..methods import (DEFAULT_RECOMPUTE_SHARE, ENCODER_NAMES, INJECT_STRIDES, METHOD_HELP, METHODS,
-                       SAM_INPUTS, check_embedding_variants, check_recompute_share)
+from nnsam_core.errors import NNSAMError
+from nnsam_core.methods import (DEFAULT_RECOMPUTE_SHARE, ENCODER_NAMES, INJECT_STRIDES, LAB_METHOD_HELP, METHODS,
+                                SAM_INPUTS, check_recompute_share)
 
 DESCRIPTION = """\
 Compare nnSAM with nnU-Net (and, as a control, nnSAM with a random frozen encoder) when few slices are annotated.
@@ -28,10 +28,10 @@ interrupted benchmark continues where it stopped and a later call can add method
 
 EPILOG = """\
 examples:
-  nnsam benchmark ../shared/data/Dataset901_CHD -o chd_report --sizes 4 20 --methods nnsam nnunet nnsam-random \\
+  nnsam-lab benchmark ../shared/data/Dataset901_CHD -o chd_report --sizes 4 20 --methods nnsam nnunet nnsam-random \\
       --classes LV RV LA RA Myo --iterations 100
-  nnsam benchmark --in-volume ../shared/data/Dataset902_MSCMR -o mscmr_invol --annotated 2 3 --volumes 4
-  nnsam benchmark ../shared/data/Dataset901_CHD -o chd_report --sizes 4 8 --dry-run   # show split and runs"""
+  nnsam-lab benchmark --in-volume ../shared/data/Dataset902_MSCMR -o mscmr_invol --annotated 2 3 --volumes 4
+  nnsam-lab benchmark ../shared/data/Dataset901_CHD -o chd_report --sizes 4 8 --dry-run   # show split and runs"""
 
 
 def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--in-volume", action="store_true",
                         help="in-volume protocol: annotate k slices of each volume, score the others")
     parser.add_argument("--methods", nargs="+", default=["nnsam", "nnunet"],
-                        choices=METHODS, help="default: nnsam nnunet. " + METHOD_HELP)
+                        choices=METHODS, help="default: nnsam nnunet. " + LAB_METHOD_HELP)
     parser.add_argument("--sizes", nargs="+", type=int, default=[4, 8, 12, 16, 20], metavar="N",
                         help="training set sizes in slices (labelled-slices protocol; default: 4 8 12 16 20)")
     parser.add_argument("--split", choices=("patient", "slice"),
@@ -67,14 +67,6 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--inject-stride", type=int, choices=INJECT_STRIDES,
                         help="nnsam methods inject the SAM embedding at the skip with this downsampling (default: "
                         "the trainer's, 8, the authors'); for studying the injection stage")
-    parser.add_argument("--embedding-variants", type=int, metavar="K",
-                        help="nnsam methods draw from K embeddings of intensity-augmented copies of each training "
-                        "slice beside the clean one (default: 0, the clean embedding only)")
-    parser.add_argument("--embedding-views", type=int, metavar="V",
-                        help="nnsam methods also draw from V embeddings of rotated and scaled copies of each training "
-                        "slice (default: 0)")
-    parser.add_argument("--mirror-embeddings", action="store_const", const=True,
-                        help="nnsam methods: a mirrored training patch samples the embedding of the mirrored slice")
     parser.add_argument("--recompute-share", type=float, metavar="P",
                         help="nnsam methods with cached embeddings run the encoder on the augmented patches at a "
                         f"random share P of the training steps (default: nnsam train's, {DEFAULT_RECOMPUTE_SHARE:g}; 0: "
@@ -114,9 +106,6 @@ def run_benchmark_command(args) -> int:
         raise NNSAMError("--downsample must be a whole number >= 1")
     if any(n < 1 for n in args.sizes) or any(k < 1 for k in args.annotated):
         raise NNSAMError("--sizes and --annotated must be positive")
-    for option, count in (("--embedding-variants", args.embedding_variants), ("--embedding-views", args.embedding_views)):
-        if count is not None:
-            check_embedding_variants(count, option)
     if args.recompute_share is not None:
         check_recompute_share(args.recompute_share)
     dataset = Path(args.dataset)
@@ -128,8 +117,7 @@ def run_benchmark_command(args) -> int:
                         split=args.split if not args.in_volume else None,
                         test_fraction=args.test_fraction if not args.in_volume else None, device=args.device,
                         sam_input=args.sam_input, inject_stride=args.inject_stride,
-                        embedding_variants=args.embedding_variants, mirror_embeddings=args.mirror_embeddings,
-                        embedding_views=args.embedding_views, recompute_share=args.recompute_share)
+                        recompute_share=args.recompute_share)
     plan = Plan(settings=settings, methods=list(dict.fromkeys(args.methods)),
                 sizes=sorted(set(args.sizes)) if not args.in_volume else [],
                 annotated=sorted(set(args.annotated)) if args.in_volume else [],

@@ -32,8 +32,8 @@ from typing import Callable, Optional, Sequence
 
 import SimpleITK as sitk
 
-from ..errors import NNSAMError
-from ..methods import DEFAULT_RECOMPUTE_SHARE, LEGACY_RECOMPUTE_SHARE, METHODS
+from nnsam_core.errors import NNSAMError
+from nnsam_core.methods import DEFAULT_RECOMPUTE_SHARE, LEGACY_RECOMPUTE_SHARE, METHODS
 from .data import DatasetInfo, UnitStore, pick_volumes, read_dataset
 from .splits import Unit, default_split_mode, evenly_spaced, make_split
 
@@ -69,15 +69,11 @@ class Settings:
     device: str = "auto"                  # recorded, not compared: results from another device can be mixed
     sam_input: Optional[str] = None       # SAM input preparation of the nnsam methods; None: the encoder's default
     inject_stride: Optional[int] = None   # skip the nnsam methods inject at; None: the trainer's (1/8, the authors')
-    embedding_variants: Optional[int] = None  # augmented embeddings per training slice; None: the trainer's (0)
-    mirror_embeddings: Optional[bool] = None  # mirrored patches sample the mirrored slice's; None: the trainer's
-    embedding_views: Optional[int] = None  # rotated/scaled copies' embeddings per training slice; None: the trainer's
     recompute_share: Optional[float] = None  # share of training steps recomputing; None: the trainer's (Plan fixes it)
 
     # Settings that change only the SAM branch; left unset they are not compared, so report folders written
     # before a setting existed still accept runs.
-    SAM_BRANCH_FIELDS = ("sam_input", "inject_stride", "embedding_variants", "mirror_embeddings", "embedding_views",
-                         "recompute_share")
+    SAM_BRANCH_FIELDS = ("sam_input", "inject_stride", "recompute_share")
 
     def comparable(self) -> dict:
         data = asdict(self)
@@ -92,7 +88,7 @@ class Settings:
         chosen = {name: getattr(self, name) for name in self.SAM_BRANCH_FIELDS if getattr(self, name) is not None}
         if method == "nnunet" or not chosen:
             return None
-        from ..training import config_of_trainer, trainer_for
+        from nnsam_core.training.registry import config_of_trainer, trainer_for
         base = config_of_trainer(trainer_for(method, self.encoder))
         if base.embeddings == "recomputed":
             chosen.pop("recompute_share", None)  # it recomputes at every step; a share means nothing there
@@ -192,7 +188,7 @@ def _init_state_locked(report_dir: Path, plan: Plan, extra: dict, command: Optio
                 raise NNSAMError(f"{report_dir} holds a benchmark made with other {key} "
                                  f"({_short(held)} vs now {_short(value)}); use another -o REPORT_DIR{hint}")
     state["invocations"].append({
-        "command": command or shlex.join(["nnsam", *sys.argv[1:]]),
+        "command": command or shlex.join(["nnsam-lab", *sys.argv[1:]]),
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine_description(plan.settings.device),
         "methods": plan.methods, "sizes": plan.sizes, "annotated": plan.annotated, "seeds": plan.seeds,
@@ -213,13 +209,13 @@ def _short(value) -> str:
 # --------------------------------------------------------------------------------------------- training hooks
 def _fine_tune(**kwargs):
     # Looked up at call time so tests can monkeypatch nnsam_core.finetune.fine_tune.
-    from .. import finetune
+    from nnsam_core import finetune
     return finetune.fine_tune(**kwargs)
 
 
 def _load_or_train(model_dir: Path, log: Log, **kwargs):
     """Reuse a model left by a run that died after training (before its metrics were written); else train."""
-    from ..bundle import Bundle
+    from nnsam_core.bundle import Bundle
 
     if (model_dir / "nnsam.json").is_file():
         try:
@@ -255,7 +251,7 @@ def _train_progress(log: Log) -> Callable[[dict], None]:
 
 def _score(pred: sitk.Image, gt: sitk.Image, values: Sequence[int], exclude: Sequence[int] = ()) -> list[dict]:
     """Per-slice 2D scores of every labelled slice (minus ``exclude``), with the in-plane spacing in mm."""
-    from ..evaluation import evaluate_case
+    from nnsam_core.evaluation import evaluate_case
 
     pred_array = sitk.GetArrayFromImage(pred)
     gt_array = sitk.GetArrayFromImage(gt)
@@ -367,7 +363,7 @@ def run_slices_benchmark(dataset_dir, report_dir, plan: Plan, log: Optional[Log]
 
 def _predict_units(bundle, store: UnitStore, units: Sequence[Unit], out_dir: Path, values, device: str,
                    log: Log) -> list[dict]:
-    from ..predict import Segmenter, write_image_atomically
+    from nnsam_core.predict import Segmenter, write_image_atomically
 
     segmenter = Segmenter(bundle, device)
     scores = []
@@ -412,7 +408,7 @@ def run_in_volume_benchmark(dataset_dir, report_dir, plan: Plan, count: Optional
         store.prepare_volume(v)
     values = list(range(1, len(info.class_names) + 1))
 
-    from ..predict import Segmenter, write_image_atomically
+    from nnsam_core.predict import Segmenter, write_image_atomically
     from .report import write_report
     settings = plan.settings
     done, reported = 0, 0.0

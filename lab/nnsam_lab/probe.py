@@ -6,14 +6,13 @@ benchmark's training-pool slices, fits a per-pixel linear classifier (1x1 convol
 entropy) on the first ``--fit`` slices of the pool and reports Dice on the next ``--validate`` pool slices, at
 the embedding's 64x64 grid. Test slices of the benchmark split are never read.
 
-    python -m nnsam_core.benchmark.probe ../shared/data/Dataset901_CHD --downsample 4 --json probe.json
+    nnsam-lab probe ../shared/data/Dataset901_CHD --downsample 4 --json probe.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import Sequence
 
@@ -22,10 +21,10 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ..encoders import load_encoder
-from ..methods import SAM_INPUTS
-from .data import downsample, read_dataset
-from .splits import default_split_mode, make_split
+from nnsam_core.encoders import load_encoder
+from nnsam_core.methods import SAM_INPUTS
+from .benchmark.data import downsample, read_dataset
+from .benchmark.splits import default_split_mode, make_split
 
 VARIANTS = (("litemedsam", True), ("litemedsam", False))
 
@@ -136,9 +135,9 @@ def _row(r: dict, classes: Sequence[str]) -> str:
     return f"| {r['encoder']} {weights} | {r['preparation']} | {mean} | {cells} |"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nnsam_core.benchmark.probe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_probe_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("probe", help="linear probe of frozen encoder embeddings",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset")
     parser.add_argument("--downsample", type=int, default=1)
     parser.add_argument("--fit", type=int, default=8, help="pool slices to fit the probe on (default 8)")
@@ -146,7 +145,11 @@ def main(argv=None) -> int:
     parser.add_argument("--classes", nargs="+", default=None, help="classes of the mean (default: all)")
     parser.add_argument("--preparations", nargs="+", default=list(SAM_INPUTS), choices=SAM_INPUTS)
     parser.add_argument("--json", help="write the results here too")
-    args = parser.parse_args(argv)
+    parser.set_defaults(func=run_probe_command)
+    return parser
+
+
+def run_probe_command(args) -> int:
     classes = args.classes
     print(f"| encoder | SAM input | mean Dice | {' | '.join(classes) if classes else 'per class'} |", flush=True)
     result = run_probe(args.dataset, args.downsample, args.fit, args.validate, classes or [], args.preparations)
@@ -154,7 +157,3 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""``nnsam bench-speed``: what nnSAM costs over plain nnU-Net, measured in one run on one machine.
+"""``nnsam-lab bench-speed``: what nnSAM costs over plain nnU-Net, measured in one run on one machine.
 
 Four measurements, each printed in one table (and, with ``--json``, written as JSON):
 
@@ -56,7 +56,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .methods import DEFAULT_RECOMPUTE_SHARE, ENCODER_NAMES
+from nnsam_core.methods import DEFAULT_RECOMPUTE_SHARE, ENCODER_NAMES
 
 RAM_TARGET_SLICES = 300
 RAM_TARGET_GB = 8.0
@@ -192,8 +192,8 @@ def _synthetic_slice(i: int, size: int) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------------------------- 1: training iteration
 def _make_training_workspace(root: Path, source: SliceSource, device, n_cases: int = 4):
     import SimpleITK as sitk
-    from .finetune import CPU_BATCH_SIZE, _cap_batch_size
-    from .workspace import TrainingCase, Workspace, plan_and_preprocess, write_raw_dataset
+    from nnsam_core.finetune import CPU_BATCH_SIZE, cap_batch_size
+    from nnsam_core.workspace import TrainingCase, Workspace, plan_and_preprocess, write_raw_dataset
 
     workspace = Workspace(root)
     cases = []
@@ -208,13 +208,13 @@ def _make_training_workspace(root: Path, source: SliceSource, device, n_cases: i
     write_raw_dataset(workspace, cases, source.class_names, {"0": "CT"})
     plans = plan_and_preprocess(workspace)
     if device.type == "cpu":
-        _cap_batch_size(workspace, plans, CPU_BATCH_SIZE)  # what fine_tune does on a CPU
+        cap_batch_size(workspace, plans, CPU_BATCH_SIZE)  # what fine_tune does on a CPU
     return workspace
 
 
-def _build_trainer(trainer_class, workspace, device, seed: int):
+def _build_trainer(trainer_class, workspace, device, seed: int, config=None):
     import torch
-    from .workspace import CONFIGURATION, FOLD
+    from nnsam_core.workspace import CONFIGURATION, FOLD
 
     plans = json.loads((workspace.preprocessed_dataset / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((workspace.preprocessed_dataset / "dataset.json").read_text())
@@ -222,6 +222,8 @@ def _build_trainer(trainer_class, workspace, device, seed: int):
     torch.manual_seed(seed)
     np.random.seed(seed)
     trainer = trainer_class(plans, CONFIGURATION, FOLD, dataset_json, device)
+    if config is not None:
+        trainer.nnsam_config = config  # before initialisation, as fine_tune does
     trainer.set_schedule(10_000)
     trainer.on_train_start()   # dataloaders; nnSAM: encoder + embedding bank filled here, once
     trainer.on_epoch_start()   # network.train(), learning rate
@@ -257,32 +259,33 @@ def measure_training_iteration(workspace, device, steps: int, warmup: int, seed:
     ``compare_recomputed`` also times nnSAM recomputing the embeddings every step (the authors' way);
     ``recompute_share`` > 0 does too, and gives nnSAM's step as the mix of the two at that share.
     ``encoder`` / ``random_encoder``: nnSAM's SAM encoder and whether it is randomly initialised."""
-    from .network import GRID_CHANNELS
-    from .training import (config_of_trainer, nnUNetTrainerFewShot, nnUNetTrainerNNSAMCached,
-                           nnUNetTrainerNNSAMRecomputed, with_nnsam_config)
-    from .workspace import nnunet_output_to_stderr, scoped_environ
+    from nnsam_core.model.grid import GRID_CHANNELS
+    from nnsam_core.training.fewshot import nnUNetTrainerFewShot
+    from nnsam_core.training.registry import config_of_trainer
+    from nnsam_core.training.variants import nnUNetTrainerNNSAMCached, nnUNetTrainerNNSAMRecomputed
+    from nnsam_core.workspace import nnunet_output_to_stderr, scoped_environ
 
     if da_workers is None:
         da_workers = 0 if device.type == "cpu" else None  # as fine_tune runs it
     env = {"nnUNet_n_proc_DA": None if da_workers is None else str(da_workers)}
     built = []  # every trainer built so far: its augmentation workers are shut down even if a later build fails
 
-    def build(trainer_class):
-        built.append(_build_trainer(trainer_class, workspace, device, seed))
+    def build(trainer_class, config=None):
+        built.append(_build_trainer(trainer_class, workspace, device, seed, config))
         return built[-1]
 
     def nnsam(trainer_class):
-        return with_nnsam_config(trainer_class, on_encoder(config_of_trainer(trainer_class), encoder, random_encoder))
+        return build(trainer_class, on_encoder(config_of_trainer(trainer_class), encoder, random_encoder))
 
     with workspace.activated(), scoped_environ(env), nnunet_output_to_stderr():
         try:
             t0 = time.perf_counter()
             plain = build(nnUNetTrainerFewShot)
             t1 = time.perf_counter()
-            sam = build(nnsam(nnUNetTrainerNNSAMCached))  # its cached step; a share's is mixed from it below
+            sam = nnsam(nnUNetTrainerNNSAMCached)  # its cached step; a share's is mixed from it below
             t2 = time.perf_counter()
             timing_recomputed = compare_recomputed or recompute_share > 0.0
-            recomputed = build(nnsam(nnUNetTrainerNNSAMRecomputed)) if timing_recomputed else None
+            recomputed = nnsam(nnUNetTrainerNNSAMRecomputed) if timing_recomputed else None
             bank = sam.embedding_bank
             sam_encoder = bank.encoder
             bank_fill_calls = bank.encoder_calls
@@ -383,9 +386,10 @@ def measure_time_to_segmentation(root: Path, source: SliceSource, n_slices: int,
                                  seed: int = 0, fallback_s_per_iteration: Optional[float] = None,
                                  recompute_share: float = DEFAULT_RECOMPUTE_SHARE, encoder: str = "litemedsam",
                                  random_encoder: bool = False) -> dict:
-    from .finetune import PRESETS, fine_tune
-    from .predict import Segmenter
-    from .training import config_of_trainer, nnUNetTrainerNNSAM
+    from nnsam_core.finetune import PRESETS, fine_tune
+    from nnsam_core.predict import Segmenter
+    from nnsam_core.training.nnsam import nnUNetTrainerNNSAM
+    from nnsam_core.training.registry import config_of_trainer
 
     image, labels = source.volume(n_slices)
     slices = annotated_indices(n_slices)
@@ -464,8 +468,8 @@ def measure_time_to_segmentation(root: Path, source: SliceSource, n_slices: int,
 # ------------------------------------------------------------------------------------------- 4: peak RAM (child)
 def _ram_child(bundle: str, n_slices: int, size: int, device: str, data: Optional[str]) -> dict:
     """Runs in a fresh process: segment an n-slice volume, report this process's peak RSS."""
-    from .bundle import Bundle
-    from .predict import Segmenter
+    from nnsam_core.bundle import Bundle
+    from nnsam_core.predict import Segmenter
 
     source = SliceSource(size, Path(data) if data else None)
     image, _ = source.volume(n_slices)
@@ -485,7 +489,7 @@ def _ram_child(bundle: str, n_slices: int, size: int, device: str, data: Optiona
 
 def parse_ram_volume_slices(text) -> list[int]:
     """``--ram-volume-slices``: "16,32" -> [16, 32]; "0" or "" -> [] (skip the measurement)."""
-    from .errors import NNSAMError
+    from nnsam_core.errors import NNSAMError
     try:
         counts = [int(x) for x in str(text or "").split(",") if x.strip()]
     except ValueError:
@@ -498,7 +502,7 @@ def parse_ram_volume_slices(text) -> list[int]:
 def measure_peak_ram(bundle: str, slice_counts: Sequence[int], size: int, device, data: Optional[Path]) -> dict:
     runs = []
     for n in slice_counts:
-        cmd = [sys.executable, "-m", "nnsam_core.speed", "--ram-child", bundle, str(n), str(size), device.type,
+        cmd = [sys.executable, "-m", "nnsam_lab.speed", "--ram-child", bundle, str(n), str(size), device.type,
                str(data) if data else ""]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -511,7 +515,7 @@ def peak_ram_at_target(runs: Sequence[dict]) -> dict:
     """The peak RAM of segmenting RAM_TARGET_SLICES slices from the measured ``runs`` (each ``slices`` and
     ``peak_rss_gb``): measured when a run was that large, else extrapolated linearly from the first and last run
     when that can mean something, else None (``method`` says which, and why)."""
-    from .predict import DEFAULT_SLAB
+    from nnsam_core.predict import DEFAULT_SLAB
     direct = [r for r in runs if r["slices"] >= RAM_TARGET_SLICES]
     if direct:
         return {"peak_rss_gb_target": direct[0]["peak_rss_gb"],
@@ -661,9 +665,9 @@ def _machine(device) -> dict:
 
 def run_bench_speed(args) -> int:
     import torch
-    from .devices import resolve_device
-    from .errors import NNSAMError
-    from .methods import check_recompute_share
+    from nnsam_core.devices import resolve_device
+    from nnsam_core.errors import NNSAMError
+    from nnsam_core.methods import check_recompute_share
 
     device = resolve_device(args.device)
     if args.size < 32:
@@ -672,7 +676,7 @@ def run_bench_speed(args) -> int:
         raise NNSAMError("--slices and --steps must be at least 1, --warmup at least 0")
     check_recompute_share(args.recompute_share)
     if args.encoder == "mobilesam" and not args.random_encoder:
-        from .weights import require_mobilesam
+        from nnsam_core.weights import require_mobilesam
         try:
             require_mobilesam()  # now, not after the first measurements
         except NNSAMError as exc:
@@ -690,7 +694,7 @@ def run_bench_speed(args) -> int:
     machine = _machine(device)
     started = datetime.datetime.now(datetime.timezone.utc)
     root = Path(tempfile.mkdtemp(prefix="nnsam-bench-speed-", dir=args.work_dir))
-    result = {"command": "nnsam bench-speed " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "nnsam bench-speed",
+    result = {"command": "nnsam-lab bench-speed " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "nnsam-lab bench-speed",
               "date_utc": started.isoformat(timespec="seconds"), "device": device.type, "machine": machine,
               "data": source.description, "size": args.size, "targets": TARGETS,
               "encoder": {"name": args.encoder, "weights": "random" if args.random_encoder else "pretrained"}}
@@ -731,7 +735,7 @@ def run_bench_speed(args) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
-    print(f"nnsam bench-speed, {result['date_utc']}, device {device.type} "
+    print(f"nnsam-lab bench-speed, {result['date_utc']}, device {device.type} "
           f"({machine.get('gpu') or machine.get('cpu', '')}, {machine['cpu_count']} cores, "
           f"{machine['torch_threads']} torch threads), data: {source.description}, encoder {args.encoder}"
           f"{' (randomly initialised: timing only)' if args.random_encoder else ''}")

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Iterable, Optional, Sequence
 
-from ..errors import NNSAMError
+from nnsam_core.errors import NNSAMError
 
 SPLIT_SEED = 20240607  # fixed on purpose: the split must not change with --seeds
 DEFAULT_TEST_FRACTION = 1 / 3

@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import NNSAMError
-from ..workspace import read_raw_dataset
+from nnsam_core.errors import NNSAMError
+from nnsam_core.workspace import read_raw_dataset
 from .splits import Unit, make_units
 
 

@@ -460,17 +460,9 @@ def _sam_branch(runs: Sequence[dict]) -> str:
     inputs = sorted({c.get("sam_input", "nnunet") for c in configs})
     strides = sorted({int(c.get("inject_stride", 8)) for c in configs})
     cached = [c for c in configs if c.get("embeddings") != "recomputed"]  # the cache's options mean nothing else
-    variants = sorted({int(c.get("embedding_variants", 0)) for c in cached})
-    views = sorted({int(c.get("embedding_views", 0)) for c in cached})
     shares = sorted({float(c.get("recompute_share", 0.0)) for c in cached})
     return (f"SAM input {', '.join(f'`{u}`' for u in inputs) or '-'}, injected at the "
             f"{', '.join(f'1/{s}' for s in strides) or '-'} skip"
-            + (f", {' or '.join(str(v) for v in variants)} intensity-augmented embedding variants per training slice"
-               if any(variants) else "")
-            + (f", {' or '.join(str(v) for v in views)} rotated and scaled embedding views per training slice"
-               if any(views) else "")
-            + (", mirrored patches sample the mirrored slice's embedding"
-               if any(c.get("mirror_embeddings") for c in cached) else "")
             + (f", embeddings recomputed at a share {' or '.join(f'{s:g}' for s in shares)} of the training steps"
                if any(shares) else ""))
 
