@@ -41,12 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("image", nargs="?", metavar="IMAGE|DATASET_DIR",
                        help="image file (NIfTI, NRRD, MHA, ...) or DICOM folder; or, alone, an nnU-Net raw dataset "
                        "folder (dataset.json, imagesTr, labelsTr) to train on all of its cases")
-    train.add_argument("labels", nargs="?", help="label map with the image's geometry, or a .seg.nrrd")
+    train.add_argument("labels", nargs="?", metavar="LABELS", help="label map with the image's geometry, or a .seg.nrrd")
     train.add_argument("-o", "--output", required=True, help="bundle folder to write")
     train.add_argument("--dataset", help=argparse.SUPPRESS)  # the earlier spelling of DATASET_DIR alone
     train.add_argument("--slices", help="annotated slice indices, e.g. 12,40,77 (default: every slice with a label)")
     train.add_argument("--class-names", help="names of label values 1..N, e.g. LV,RV,LA,RA,Myo")
-    train.add_argument("--encoder", choices=ENCODER_NAMES, default=ENCODER_NAMES[0])
+    train.add_argument("--encoder", choices=ENCODER_NAMES, default=ENCODER_NAMES[0],
+                       help="frozen SAM encoder: litemedsam (default, shipped, medical images) or mobilesam (the "
+                       "paper's; weights: nnsam weights download mobilesam)")
     train.add_argument("--method", choices=USER_METHODS, default="nnsam", help=METHOD_HELP)
     train.add_argument("--preset", choices=("quick", "full"), default="quick",
                        help="quick: 1000 iterations; full: nnU-Net's 1000 epochs x 250 iterations")
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                        f"{DEFAULT_RECOMPUTE_SHARE:g}; 0: the cache alone, the fastest)")
     train.add_argument("--modality", default="CT", help="nnU-Net channel name deciding normalisation (CT, MR, ...)")
     _add_device(train)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="random seed of the training run (default 0)")
     train.add_argument("--resume", action="store_true", help="continue a stopped training of the same bundle")
     train.add_argument("--checkpoint-every", type=int, metavar="N",
                        help="write a resumable checkpoint every N iterations (default: every tenth of the run)")
