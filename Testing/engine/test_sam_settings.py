@@ -129,3 +129,15 @@ def test_the_engine_never_imports_the_lab():
     engine = Path(__import__("nnsam_core").__file__).parent
     offenders = [str(p) for p in engine.rglob("*.py") if "nnsam_lab" in p.read_text()]
     assert offenders == []
+
+
+def test_bundle_info_reads_a_bundle_without_the_training_stack(trained):
+    bundle, _ = trained
+    code = ("import sys\nfrom nnsam_core.cli import main\n"
+            f"assert main(['bundle', 'info', {str(bundle.path)!r}]) == 0\n"
+            "heavy = [m for m in sys.modules if m.startswith(('nnunetv2.training', 'batchgeneratorsv2', "
+            "'nnsam_core.training'))]\n"
+            "print('HEAVY', heavy)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert '"nnsam_config"' in run.stdout and run.stdout.strip().splitlines()[-1] == "HEAVY []"
