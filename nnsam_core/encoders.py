@@ -15,8 +15,11 @@ probe on CHD training slices agreed for LiteMedSAM (docs/benchmarks/probe_chd_ds
 
 from __future__ import annotations
 
+import functools
+import os
+import platform
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,46 @@ from .errors import NNSAMError
 from .methods import ENCODER_NAMES, SAM_INPUTS
 
 EMBEDDING_CHANNELS = 256
+# How the frozen encoder computes on a CPU. "auto": bfloat16 where the CPU has native bfloat16 instructions,
+# float32 elsewhere. On a GPU it always runs under bfloat16 autocast.
+ENCODER_PRECISIONS = ("auto", "float32", "bfloat16")
+# Overrides "auto" for every encoder this process builds (a CPU whose detection is wrong, or a measurement).
+PRECISION_ENV = "NNSAM_ENCODER_PRECISION"
+
+
+@functools.lru_cache(maxsize=None)
+def native_cpu_bfloat16() -> bool:
+    """Whether this CPU executes bfloat16 natively (x86 AVX512-BF16 or AMX-BF16) and torch's oneDNN uses it.
+    Elsewhere bfloat16 on a CPU is emulated and slower than float32, so "auto" keeps float32 there; ARM's
+    bfloat16 extension is left out until it is measured."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
+    except OSError:  # not Linux: no cheap reliable check, keep float32
+        return False
+    if not {"avx512_bf16", "amx_bf16"} & set(flags):
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_cpu_precision(requested: Optional[str] = None) -> str:
+    """The precision ("float32" or "bfloat16") the encoder runs at on this CPU. ``requested``: one of
+    ENCODER_PRECISIONS, or None for the environment's NNSAM_ENCODER_PRECISION, else "auto"."""
+    if requested is None:
+        requested = os.environ.get(PRECISION_ENV, "").strip().lower() or "auto"
+        origin = f"{PRECISION_ENV}={requested}"
+    else:
+        origin = f"encoder precision {requested!r}"
+    if requested not in ENCODER_PRECISIONS:
+        raise NNSAMError(f"{origin} is not one of {', '.join(ENCODER_PRECISIONS)}")
+    if requested == "auto":
+        return "bfloat16" if native_cpu_bfloat16() else "float32"
+    return requested
 
 
 def input_preparation_description(preparation: str) -> str:
@@ -104,9 +147,11 @@ class FrozenEncoder:
     modules (state_dict, parameters(), train(), apply()) can reach it."""
 
     def __init__(self, spec: EncoderSpec, module: nn.Module, weights_sha256: str | None, pretrained: bool,
-                 preparation: str = "nnunet"):
+                 preparation: str = "nnunet", precision: Optional[str] = None):
         if preparation not in SAM_INPUTS:
             raise ValueError(f"unknown SAM input preparation {preparation!r}; one of {SAM_INPUTS}")
+        # Resolved now, so a bad setting fails before any work and one encoder never mixes precisions.
+        self.cpu_precision = resolve_cpu_precision(precision)
         self.preparation = preparation
         self.spec = spec
         self.weights_sha256 = weights_sha256
@@ -153,12 +198,16 @@ class FrozenEncoder:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = self._module(x)
         else:
-            # CPU: channels_last convolutions are about 20% faster here with the same float32 results (max abs
-            # difference ~3e-6; docs/speed/cpu.md). bf16 autocast is not used on CPU: ~4% relative error.
+            # CPU: channels_last convolutions are faster here with the same float32 results.
             if not self._channels_last:
                 self._module.to(memory_format=torch.channels_last)
                 self._channels_last = True
-            out = self._module(x.contiguous(memory_format=torch.channels_last))
+            x = x.contiguous(memory_format=torch.channels_last)
+            # bfloat16 where the CPU runs it natively: the encoder dominates nnSAM's time on small images, and
+            # its bfloat16 embeddings agree with float32 ones about as closely as the GPU's do (the GPU path
+            # above has always been bfloat16); `nnsam-lab bench-encoder` measures both sides.
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cpu_precision == "bfloat16"):
+                out = self._module(x)
         return out.float().contiguous()
 
     def state_fingerprint(self) -> dict[str, torch.Tensor]:
@@ -166,10 +215,13 @@ class FrozenEncoder:
         return {k: v.detach().clone() for k, v in self._module.state_dict().items()}
 
 
-def load_encoder(name: str, pretrained: bool = True, seed: int = 0, preparation: str = "nnunet") -> FrozenEncoder:
+def load_encoder(name: str, pretrained: bool = True, seed: int = 0, preparation: str = "nnunet",
+                 precision: Optional[str] = None) -> FrozenEncoder:
     """Build encoder ``name``. ``pretrained=False`` gives the same architecture randomly initialised from
-    ``seed`` (the nnsam-random control), still frozen. ``preparation``: how slices become encoder input."""
+    ``seed`` (the nnsam-random control), still frozen. ``preparation``: how slices become encoder input.
+    ``precision``: on a CPU, one of ENCODER_PRECISIONS (None: $NNSAM_ENCODER_PRECISION, else "auto")."""
     spec = get_spec(name)
+    precision = resolve_cpu_precision(precision)  # a bad setting fails before the weights are read
     if pretrained:
         path, sha = spec.locate_weights()
         module = spec.build()
@@ -179,9 +231,9 @@ def load_encoder(name: str, pretrained: bool = True, seed: int = 0, preparation:
         except RuntimeError as exc:
             raise NNSAMError(f"{path} does not fit the {name} encoder ({str(exc).splitlines()[0]}); "
                              "check that the weights belong to this encoder") from exc
-        return FrozenEncoder(spec, module, sha, pretrained=True, preparation=preparation)
+        return FrozenEncoder(spec, module, sha, pretrained=True, preparation=preparation, precision=precision)
     devices = []  # fork the RNG so a control run does not shift the training RNG stream
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         module = spec.build()
-    return FrozenEncoder(spec, module, None, pretrained=False, preparation=preparation)
+    return FrozenEncoder(spec, module, None, pretrained=False, preparation=preparation, precision=precision)
