@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 from nnsam_core.cli import run_verb
 
 from .benchmark.command import add_benchmark_parser
+from .encoder_bench import add_bench_encoder_parser
 from .probe import add_probe_parser
 from .speed import add_bench_speed_parser
 
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs.required = True
     add_benchmark_parser(verbs)
     add_bench_speed_parser(verbs)
+    add_bench_encoder_parser(verbs)
     add_probe_parser(verbs)
     return parser
 
