@@ -664,6 +664,16 @@ def _machine(device) -> dict:
 
 
 def run_bench_speed(args) -> int:
+    from .speed_in_volume import encoder_precision, run_in_volume
+    if args.scenario == "in-volume":
+        return run_in_volume(args)
+    from nnsam_core.encoders import resolve_cpu_precision
+    resolve_cpu_precision(args.encoder_precision)  # a bad value fails now, in one line
+    with encoder_precision(args.encoder_precision):
+        return _run_bench_speed(args)
+
+
+def _run_bench_speed(args) -> int:
     import torch
     from nnsam_core.devices import resolve_device
     from nnsam_core.errors import NNSAMError
@@ -750,7 +760,21 @@ def add_bench_speed_parser(subparsers) -> argparse.ArgumentParser:
         description="Measure, in one run: nnU-Net's and nnSAM's training-iteration time on the same batch "
         "(train_step_ratio), encoder calls per training iteration and per segmented slice, time-to-segmentation "
         "(quick preset, 4 annotated slices of a size x size x N volume) and peak RAM. The last line printed is "
-        "train_step_ratio=<nnSAM/nnU-Net>.")
+        "train_step_ratio=<nnSAM/nnU-Net>. "
+        "With --scenario in-volume: the in-volume job at a given size, nnU-Net then nnSAM, each fine-tuned on "
+        "--annotated K evenly spaced slices of a --size S x S x --slices N volume and segmenting all N slices; "
+        "the time to a result of each is split into phases (setup, bank fill, training encoder, training network, "
+        "save, segmentation encoder, segmentation network), with the quick preset extrapolated from "
+        "--iterations; --steps, --warmup, --ram-volume-slices, --skip-segmentation and --compare-recomputed do "
+        "not apply to it. Its last line is time_to_result_ratio=<nnSAM/nnU-Net> (quick preset).")
+    p.add_argument("--scenario", choices=("default", "in-volume"), default="default",
+                   help="default: the four measurements above; in-volume: fine-tune on --annotated slices plus "
+                   "segmentation of the whole volume, nnSAM against nnU-Net, phase by phase")
+    p.add_argument("--annotated", type=int, default=5, metavar="K",
+                   help="in-volume scenario: painted slices, evenly spaced inside the volume (default 5)")
+    p.add_argument("--encoder-precision", choices=("auto", "float32", "bfloat16"),
+                   help="the frozen encoder's precision on a CPU (default: the engine's choice, auto: bfloat16 "
+                   "where the CPU has native bfloat16, else float32; NNSAM_ENCODER_PRECISION is honoured too)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
     p.add_argument("--json", metavar="OUT", help="also write every number as JSON to OUT")
     p.add_argument("--slices", type=int, default=64, help="slices of the time-to-segmentation volume (default 64)")
