@@ -44,17 +44,21 @@ def native_cpu_bfloat16() -> bool:
     bfloat16 extension is left out until it is measured."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
-    except OSError:  # not Linux: no cheap reliable check, keep float32
-        return False
-    if not {"avx512_bf16", "amx_bf16"} & set(flags):
+    if not {"avx512_bf16", "amx_bf16"} & _cpu_flags():
         return False
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere: no cheap reliable check there)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next((set(line.split(":", 1)[1].split()) for line in handle if line.startswith("flags")), set())
+    except OSError:
+        return set()
 
 
 def resolve_cpu_precision(requested: Optional[str] = None) -> str:
