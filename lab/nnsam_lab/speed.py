@@ -33,6 +33,10 @@ weights; the fine-tune's Dice is then the random-encoder control's).
 The data: 4 one-slice cases (and a volume stacked from slices) of the project's cardiac CT set
 (``../shared/data/Dataset901_CHD``) when it is there, resized to ``--size``; otherwise synthetic slices.
 The last line printed is ``train_step_ratio=<nnSAM/nnU-Net>``.
+
+``--scenario in-volume`` measures something else: the in-volume job at a given size, nnSAM against nnU-Net,
+phase by phase (:mod:`nnsam_lab.speed_in_volume`). ``--encoder-precision`` sets the frozen encoder's CPU
+precision for either scenario (default: the engine's choice).
 """
 
 from __future__ import annotations
