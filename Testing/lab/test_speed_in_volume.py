@@ -152,3 +152,19 @@ def test_bench_encoder_refuses_bad_lists_in_one_line(tmp_path, args, message):
     proc = _run(["bench-encoder", "--random-encoder", "--synthetic", *args], tmp_path, timeout=600)
     assert proc.returncode != 0
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
+
+
+def test_segmentation_measured_on_part_of_the_volume_scales_to_all_of_it():
+    from nnsam_lab.speed_in_volume import scale_segmentation
+
+    calls = [(10.0, 4.0, 2), (101.0, 20.0, 8)]
+    run = phases_of_run(0.0, 100.0, 150.0, _Steps(30.0, 31.0, 90.0), _clock(calls))
+    scaled = scale_segmentation(run, measured_slices=8, volume_slices=32)
+    assert scaled["phases_s"]["segment_encoder"] == pytest.approx(80.0)
+    assert scaled["phases_s"]["segment_network"] == pytest.approx(120.0)
+    assert scaled["segment_s"] == pytest.approx(200.0) and scaled["total_s"] == pytest.approx(300.0)
+    assert sum(scaled["phases_s"].values()) == pytest.approx(scaled["total_s"])
+    for phase in ("setup", "bank_fill", "training_encoder", "training_network", "save"):
+        assert scaled["phases_s"][phase] == run["phases_s"][phase]
+    assert scaled["measured"]["total_s"] == pytest.approx(150.0) and scaled["measured"]["segment_slices"] == 8
+    assert scale_segmentation(run, 32, 32) is run

@@ -776,6 +776,9 @@ def add_bench_speed_parser(subparsers) -> argparse.ArgumentParser:
                    "segmentation of the whole volume, nnSAM against nnU-Net, phase by phase")
     p.add_argument("--annotated", type=int, default=5, metavar="K",
                    help="in-volume scenario: painted slices, evenly spaced inside the volume (default 5)")
+    p.add_argument("--segment-slices", type=int, metavar="M",
+                   help="in-volume scenario: segment only the middle M slices and scale the segmentation time to "
+                   "all --slices (default: segment them all)")
     p.add_argument("--encoder-precision", choices=("auto", "float32", "bfloat16"),
                    help="the frozen encoder's precision on a CPU (default: the engine's choice, auto: bfloat16 "
                    "where the CPU has native bfloat16, else float32; NNSAM_ENCODER_PRECISION is honoured too)")

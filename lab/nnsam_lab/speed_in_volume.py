@@ -17,6 +17,9 @@ Every second of each method's time to a result falls in exactly one phase:
 - ``segment_encoder``: the frozen encoder at segmentation (one call per slice);
 - ``segment_network``: the rest of segmentation (preprocessing, sliding window with mirroring, export).
 
+``--segment-slices M`` segments only the middle M slices and scales the segmentation phases to all N (the job
+goes slab by slab with one encoder call per slice, so its time grows linearly with the slices).
+
 Encoder time is measured by timing every call of the frozen encoder; the phases of training are separated by
 the times of the first and the last training step.
 
@@ -159,6 +162,21 @@ def phases_of_run(t0: float, t_trained: float, t_segmented: float, steps: StepCl
             "segment_s": t_segmented - t_trained, "total_s": t_segmented - t0}
 
 
+def scale_segmentation(run: dict, measured_slices: int, volume_slices: int) -> dict:
+    """``run`` with its segmentation phases (measured on ``measured_slices`` of the volume) scaled to all
+    ``volume_slices``: segmentation goes slab by slab with one encoder call per slice, so it grows linearly."""
+    if measured_slices == volume_slices:
+        return run
+    factor = volume_slices / measured_slices
+    phases = dict(run["phases_s"])
+    for phase in ("segment_encoder", "segment_network"):
+        phases[phase] *= factor
+    segment = phases["segment_encoder"] + phases["segment_network"]
+    return {**run, "phases_s": phases, "segment_s": segment, "total_s": run["fine_tune_s"] + segment,
+            "measured": {"segment_slices": measured_slices, "phases_s": run["phases_s"],
+                         "segment_s": run["segment_s"], "total_s": run["total_s"]}}
+
+
 def quick_estimate(run: dict, iterations: int, quick_iterations: int, share: float, batch_size: int,
                    encoder_s_per_slice: Optional[float]) -> dict:
     """The run's phases with the training loop scaled to ``quick_iterations`` (see the module docstring)."""
@@ -178,7 +196,8 @@ def quick_estimate(run: dict, iterations: int, quick_iterations: int, share: flo
 
 
 def measure_method(method: str, root: Path, image, labels, slices, class_names, device, iterations: Optional[int],
-                   seed: int, config=None, precision: Optional[str] = None, encoder: str = "litemedsam") -> dict:
+                   seed: int, config=None, precision: Optional[str] = None, encoder: str = "litemedsam",
+                   segment_slices: Optional[int] = None) -> dict:
     import SimpleITK as sitk
     from nnsam_core.finetune import fine_tune
     from nnsam_core.predict import Segmenter
@@ -192,13 +211,18 @@ def measure_method(method: str, root: Path, image, labels, slices, class_names, 
                            encoder=encoder, method=method, preset="quick", iterations=iterations,
                            device=device.type, seed=seed, nnsam_config=config)
         t1 = time.perf_counter()
+        n_slices = image.GetSize()[2]
+        segmented = segment_slices or n_slices
+        z0 = (n_slices - segmented) // 2  # the middle of the volume
+        target, truth = (image, labels) if segmented == n_slices else \
+            (image[:, :, z0:z0 + segmented], labels[:, :, z0:z0 + segmented])
         segmenter = Segmenter(bundle, device)
-        label_map = segmenter.segment(image)
+        label_map = segmenter.segment(target)
         _sync(device)
         t2 = time.perf_counter()
-    if label_map.GetSize() != image.GetSize():
-        raise RuntimeError(f"label map size {label_map.GetSize()} differs from the image's {image.GetSize()}")
-    run = phases_of_run(t0, t1, t2, steps, clock)
+    if label_map.GetSize() != target.GetSize():
+        raise RuntimeError(f"label map size {label_map.GetSize()} differs from the image's {target.GetSize()}")
+    run = scale_segmentation(phases_of_run(t0, t1, t2, steps, clock), segmented, n_slices)
     training = bundle.manifest["training"]
     encoder_slices = sum(n for _, _, n in clock.calls)
     run.update({
@@ -210,9 +234,10 @@ def measure_method(method: str, root: Path, image, labels, slices, class_names, 
         "recompute_share": float((bundle.manifest.get("nnsam_config") or {}).get("recompute_share", 0.0)),
         "encoder_precision": sorted(clock.precisions),
         "encoder_s_per_slice": sum(s for _, s, _ in clock.calls) / encoder_slices if encoder_slices else None,
+        "segmented_slices": segmented,
         "segmenter_encoder_calls": segmenter.encoder_calls,
         "foreground_dice_unpainted": _foreground_dice(sitk.GetArrayViewFromImage(label_map),
-                                                      sitk.GetArrayViewFromImage(labels), slices),
+                                                      sitk.GetArrayViewFromImage(truth), [z - z0 for z in slices]),
     })
     return run
 
@@ -245,6 +270,8 @@ def run_in_volume(args) -> int:
         raise NNSAMError("--slices must be at least 2 for the in-volume scenario")
     if not 1 <= args.annotated < args.slices:
         raise NNSAMError(f"--annotated must be at least 1 and fewer than --slices ({args.slices})")
+    if args.segment_slices is not None and not 1 <= args.segment_slices <= args.slices:
+        raise NNSAMError(f"--segment-slices must be 1 to --slices ({args.slices})")
     if args.iterations is not None and args.iterations < 2:
         raise NNSAMError("--iterations must be at least 2 (the time per iteration needs two steps)")
     check_recompute_share(args.recompute_share)
@@ -291,7 +318,7 @@ def run_in_volume(args) -> int:
                 "then segment every slice")
             run = measure_method(method, root, image, labels, painted, source.class_names, device, args.iterations,
                                  args.seed, config=config if method == "nnsam" else None, precision=precision,
-                                 encoder=args.encoder)
+                                 encoder=args.encoder, segment_slices=args.segment_slices)
             run["quick"] = quick_estimate(run, iterations, quick, share if method == "nnsam" else 0.0,
                                           run["batch_size"] or 1, run["encoder_s_per_slice"])
             result["methods"][method] = run
@@ -355,9 +382,14 @@ def format_in_volume_table(r: dict) -> str:
         if k == 0:
             lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     calls = sam["encoder_calls"]
+    segmented = sam.get("segmented_slices", r["volume"][2])
     lines.append(f"encoder slices: bank fill {calls['bank_fill_slices']}, training {calls['training_encoder_slices']} "
                  f"({sam['steps']} steps), segmentation {calls['segment_encoder_slices']} "
-                 f"({sam['segmenter_encoder_calls'] / r['volume'][2]:.2f} per slice)")
+                 f"({sam['segmenter_encoder_calls'] / segmented:.2f} per slice)")
+    if segmented != r["volume"][2]:
+        lines.append(f"segmentation measured on the middle {segmented} of the {r['volume'][2]} slices and scaled "
+                     f"to all of them (time to a result with the measured slices only: nnU-Net "
+                     f"{_s(unet['measured']['total_s'])} s, nnSAM {_s(sam['measured']['total_s'])} s)")
     lines.append(f"nnSAM with the cache alone (recompute share 0; estimate, time side only): "
                  f"{_s(r['nnsam_quick_cache_only_s'])} s, ratio {r['ratio_quick_cache_only']:.2f}")
     dice = [m.get("foreground_dice_unpainted") for m in (unet, sam)]
