@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                        f"{DEFAULT_RECOMPUTE_SHARE:g}; 0: the cache alone, the fastest)")
     train.add_argument("--modality", default="CT", help="nnU-Net channel name deciding normalisation (CT, MR, ...)")
     _add_device(train)
-    train.add_argument("--seed", type=int, default=0, help="random seed of the training run (default 0)")
     train.add_argument("--resume", action="store_true", help="continue a stopped training of the same bundle")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing bundle at -o")
     train.add_argument("--checkpoint-every", type=int, metavar="N",
                        help="write a resumable checkpoint every N iterations (default: every tenth of the run)")
     _add_progress(train)
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("bundle", help="bundle folder or .zip")
     predict.add_argument("image", help="image file or DICOM folder")
     predict.add_argument("-o", "--output", required=True, help="label map to write (.nii.gz, .nrrd, ...)")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing file at -o")
     predict.add_argument("--no-mirroring", action="store_true",
                          help="skip test-time mirroring: about 4x less network time (CPU), slightly less accurate")
     _add_device(predict)
@@ -106,10 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp = bverbs.add_parser("export", help="export a bundle folder as a .zip")
     exp.add_argument("bundle")
     exp.add_argument("zip")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing .zip")
     exp.set_defaults(func=_bundle_export)
     bimp = bverbs.add_parser("import", help="check and unpack a .zip bundle into a folder")
     bimp.add_argument("zip")
     bimp.add_argument("output")
+    bimp.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     bimp.set_defaults(func=_bundle_import)
 
     add_evaluate_parser(verbs)
@@ -153,8 +156,8 @@ def _train(args) -> int:
                                                                                     recompute_share=args.recompute_share)
     fine_tune(args.image, args.labels, output=args.output, nnsam_config=config, slices=slices, class_names=names,
               dataset_dir=args.dataset, encoder=args.encoder, method=args.method, preset=args.preset,
-              iterations=args.iterations, device=args.device, seed=args.seed, modality=args.modality,
-              resume=args.resume, checkpoint_every=args.checkpoint_every,
+              iterations=args.iterations, device=args.device, modality=args.modality, resume=args.resume,
+              overwrite=args.overwrite, checkpoint_every=args.checkpoint_every,
               max_size=args.max_size, progress=_reporter(args))
     return 0
 
@@ -165,11 +168,14 @@ def _predict(args) -> int:
     from .predict import Segmenter, write_image_atomically
     from .progress import make_event
 
+    from .outputs import check_file_output
+
     report = _reporter(args)
+    output = check_file_output(args.output, [args.image, args.bundle], args.overwrite)
     bundle = Bundle.load(args.bundle)
     image = read_image(args.image)
     labels = Segmenter(bundle, args.device, use_mirroring=not args.no_mirroring).segment(image, report)
-    write_image_atomically(labels, args.output)
+    write_image_atomically(labels, output)
     report(make_event("done", 1, 1, message=f"label map written to {args.output}"))
     return 0
 
@@ -212,13 +218,13 @@ def _bundle_info(args) -> int:
 
 def _bundle_export(args) -> int:
     from .bundle_files import export_zip
-    print(f"exported {export_zip(args.bundle, args.zip)}")
+    print(f"exported {export_zip(args.bundle, args.zip, args.overwrite)}")
     return 0
 
 
 def _bundle_import(args) -> int:
     from .bundle_files import import_zip
-    print(f"imported {import_zip(args.zip, args.output)}")
+    print(f"imported {import_zip(args.zip, args.output, args.overwrite)}")
     return 0
 
 
@@ -242,7 +248,7 @@ def run_verb(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = No
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning)  # third-party deprecation chatter, not for users
     interruptible()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_joined_negative_values(sys.argv[1:] if argv is None else list(argv)))
     json_mode = getattr(args, "progress", None) == "json"
     try:
         return int(args.func(args) or 0)
@@ -263,6 +269,17 @@ def run_verb(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = No
         message = " ".join(str(exc).split())[:300]
         return _fail(f"internal error ({exc.__class__.__name__}: {message}); run again with NNSAM_DEBUG=1 and "
                      "report the traceback", 1, json_mode)
+
+
+def _joined_negative_values(argv: list) -> list:
+    """``--slices -1,4`` reaches the slice check (which names the mistake) instead of argparse taking "-1,4"
+    for an option."""
+    argv = [str(a) for a in argv]
+    for i in range(len(argv) - 1):
+        if argv[i] == "--slices" and argv[i + 1].startswith("-"):
+            argv[i:i + 2] = [f"--slices={argv[i + 1]}"]
+            break
+    return argv
 
 
 def _fail(message: str, code: int, json_mode: bool) -> int:
