@@ -248,6 +248,7 @@ def run_verb(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = No
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning)  # third-party deprecation chatter, not for users
     interruptible()
+    watch_stop_file()
     args = parser.parse_args(_joined_negative_values(sys.argv[1:] if argv is None else list(argv)))
     json_mode = getattr(args, "progress", None) == "json"
     try:
@@ -269,6 +270,30 @@ def run_verb(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = No
         message = " ".join(str(exc).split())[:300]
         return _fail(f"internal error ({exc.__class__.__name__}: {message}); run again with NNSAM_DEBUG=1 and "
                      "report the traceback", 1, json_mode)
+
+
+STOP_FILE_VARIABLE = "NNSAM_STOP_FILE"
+STOP_FILE_POLL_S = 0.5
+
+
+def watch_stop_file() -> None:
+    """Stop as on Ctrl-C when the file named by $NNSAM_STOP_FILE appears. Slicer starts the engine through a
+    launcher that forwards no signals, so its Stop button creates this file instead; the usual interrupt clean-up
+    then runs (partial outputs removed, checkpoints kept for --resume). The file is left for its creator."""
+    import _thread
+    import threading
+    import time
+
+    path = os.environ.get(STOP_FILE_VARIABLE)
+    if not path:
+        return
+
+    def watch() -> None:
+        while not os.path.exists(path):
+            time.sleep(STOP_FILE_POLL_S)
+        _thread.interrupt_main()
+
+    threading.Thread(target=watch, name="nnsam-stop-file", daemon=True).start()
 
 
 def _joined_negative_values(argv: list) -> list:
