@@ -181,3 +181,14 @@ def test_extension_configures_and_lays_out_shared_resources(tmp_path):
     for resource in (TERMINOLOGY_FILE, WEIGHTS_MANIFEST_FILE):
         found = sharedResourcePath(resource, libDir=libDirectory)
         assert found == os.path.join(str(scripted), "Resources", "Shared", resource)
+
+
+def test_code_carries_no_measured_figures_or_dates():
+    """Measurements change; code states the rule and points to docs/results.md."""
+    files = [*MODULE_DIRECTORY.rglob("*.py"), *EFFECT_DIRECTORY.rglob("*.py"), UI_FILE]
+    offending = []
+    for path in files:
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if re.search(r"\bDice\b|\b20\d\d-\d\d-\d\d\b", line):
+                offending.append(f"{path.name}:{number}: {line.strip()}")
+    assert not offending, "\n".join(offending)
