@@ -257,10 +257,15 @@ class QProcessRunner:
             self._process.kill()
 
     def waitForFinished(self, timeoutSeconds: Optional[float] = None) -> bool:
-        if not self.isRunning():
-            return self._finishedDelivered
-        milliseconds = -1 if timeoutSeconds is None else int(timeoutSeconds * 1000)
-        self._process.waitForFinished(milliseconds)
-        if not self.isRunning():
+        """Block (scripts, self-test) until ``finished`` was delivered; Qt events are processed meanwhile, so a
+        pending stop's kill timer still fires."""
+        deadline = None if timeoutSeconds is None else time.monotonic() + timeoutSeconds
+        while not self._finishedDelivered:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            if self.isRunning():
+                self._process.waitForFinished(100)
             self._qt.QCoreApplication.processEvents()
-        return self._finishedDelivered
+            if not self.isRunning() and not self._finishedDelivered:
+                time.sleep(0.01)  # finished is queued: the next processEvents delivers it
+        return True
