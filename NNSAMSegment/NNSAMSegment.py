@@ -14,7 +14,8 @@ import qt
 import slicer
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleWidget
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
 from NNSAMSegmentLib.Bundles import BundleInfo, BundleStore
@@ -128,10 +129,10 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._annotationTimer = qt.QTimer()
         self._annotationTimer.setSingleShot(True)
         self._annotationTimer.setInterval(self.ANNOTATION_REFRESH_DELAY_MS)
-        self._annotationTimer.timeout.connect(self.updateAnnotatedSlices)
+        self._annotationTimer.connect("timeout()", self.updateAnnotatedSlices)
         self._statusTimer = qt.QTimer()
         self._statusTimer.setInterval(1000)
-        self._statusTimer.timeout.connect(self._refreshStatus)
+        self._statusTimer.connect("timeout()", self._refreshStatus)
 
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputsChanged)
         self.ui.annotationSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputsChanged)

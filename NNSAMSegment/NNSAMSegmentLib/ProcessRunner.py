@@ -17,8 +17,8 @@ responsive and MRML is only touched from that thread), and :class:`SubprocessRun
 delivers its signals in whatever thread calls :meth:`SubprocessRunner.processEvents` or ``waitForFinished``.
 
 Qt signals are connected with their full signature (``"finished(int,QProcess::ExitStatus)"``), never as
-attributes: for an overloaded signal PythonQt's ``process.finished.connect(slot)`` binds the overload declared
-first (``finished(int)`` in Qt 5.15) and passes only its arguments.
+attributes: for an overloaded signal PythonQt's attribute form (``finished.connect(slot)``) binds the overload
+declared first (``finished(int)`` in Qt 5.15) and passes only its arguments.
 """
 
 from __future__ import annotations

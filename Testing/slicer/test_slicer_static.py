@@ -162,3 +162,22 @@ def test_code_carries_no_measured_figures_or_dates():
             if re.search(r"\bDice\b|\b20\d\d-\d\d-\d\d\b", line):
                 offending.append(f"{path.name}:{number}: {line.strip()}")
     assert not offending, "\n".join(offending)
+
+
+def test_qt_signals_are_connected_by_signature():
+    """PythonQt binds ``obj.signal.connect(slot)`` to the overload declared first (QProcess.finished -> finished(int)),
+    so Qt signals are connected as ``obj.connect("signal(types)", slot)``. ``finished`` is allowed only on the
+    module's own Signal objects (jobs and runners)."""
+    qtSignals = r"timeout|clicked|toggled|currentIndexChanged|readyReadStandardOutput|readyReadStandardError|" \
+                r"errorOccurred|stateChanged|started"
+    files = [*MODULE_DIRECTORY.rglob("*.py"), *EFFECT_DIRECTORY.rglob("*.py"), SELF_TEST_FILE]
+    offending = []
+    for path in files:
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.lstrip().startswith("#"):
+                continue
+            attributeQtSignal = re.search(r"\.(" + qtSignals + r")\.connect\(", line)
+            finished = re.search(r"(\w+)\.finished\.connect\(", line)
+            if attributeQtSignal or (finished and finished.group(1) not in ("job", "runner")):
+                offending.append(f"{path.name}:{number}: {line.strip()}")
+    assert not offending, "\n".join(offending)
