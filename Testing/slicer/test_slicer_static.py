@@ -4,7 +4,6 @@ import ast
 import os
 import py_compile
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
