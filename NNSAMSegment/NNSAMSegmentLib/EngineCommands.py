@@ -16,7 +16,7 @@ from .Errors import UserError
 
 ENCODERS = ("litemedsam", "mobilesam")
 DEFAULT_ENCODER = "litemedsam"
-METHODS = ("nnsam", "nnunet", "nnsam-random")  # nnsam-random: control with a random frozen encoder
+METHODS = ("nnsam", "nnunet")  # the engine's user command line; research controls stay in its research harness
 PRESETS = ("quick", "full")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 ENGINE_MODULE = "nnsam_core.cli"
@@ -26,11 +26,10 @@ ENGINE_MODULE = "nnsam_core.cli"
 # minutes on a GPU.
 CHECKPOINT_EVERY = {"quick": 25, "full": 250}
 # Share of the training steps that run the SAM encoder on the augmented patch instead of using the cached embedding
-# (the engine's --recompute-share): the panel's speed/accuracy choice. On CHD at a CPU's 192 px the cache alone was
-# about 4.5 Dice points below recomputing every step; a tenth share reached recomputing's level for about 1.3x the
-# cache's iteration time there and 1-3% more per 512 px step (docs/benchmarks/chd_recompute_share10_cpu192_q1000,
-# docs/speed/cpu.md). The default is the engine's (nnsam_core.methods.DEFAULT_RECOMPUTE_SHARE; a test keeps them
-# equal; the module does not import the engine, which runs in its own process).
+# (the engine's --recompute-share): the panel's speed/accuracy choice. Rule: the default is the smallest share that
+# measured as accurate as recomputing every step, at a modest cost per step over the cache alone (figures and
+# conditions: docs/results.md). The default is the engine's (nnsam_core.methods.DEFAULT_RECOMPUTE_SHARE; a test
+# keeps them equal; the module does not import the engine, which runs in its own process).
 RECOMPUTE_SHARES = (0.0, 0.1, 0.25, 1.0)
 DEFAULT_RECOMPUTE_SHARE = 0.1
 

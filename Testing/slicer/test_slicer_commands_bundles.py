@@ -9,8 +9,8 @@ import pytest
 import nnsam_slicer_helpers  # noqa: F401 - puts the module's folder on sys.path (so the file runs alone)
 from NNSAMSegmentLib.Bundles import BundleInfo, BundleStore, placeBundle, safeName, timestampedName
 from NNSAMSegmentLib.Devices import DETECTION_SCRIPT, deviceChoices, parseDetectionOutput
-from NNSAMSegmentLib.EngineCommands import (DEFAULT_RECOMPUTE_SHARE, RECOMPUTE_SHARES, EngineCommandBuilder,
-                                            TrainOptions, validateClassNames, validateSlices)
+from NNSAMSegmentLib.EngineCommands import (DEFAULT_RECOMPUTE_SHARE, METHODS, RECOMPUTE_SHARES,
+                                            EngineCommandBuilder, TrainOptions, validateClassNames, validateSlices)
 from NNSAMSegmentLib.Errors import UserError
 from NNSAMSegmentLib.Settings import DictSettingsStore, ModelMemory
 
@@ -213,7 +213,7 @@ def test_commands_parse_with_the_real_engine_command_line():
         return parser.parse_args(list(command.args[2:]))
 
     for encoder in ("litemedsam", "mobilesam"):
-        for method in ("nnsam", "nnunet", "nnsam-random"):
+        for method in METHODS:
             for preset in ("quick", "full"):
                 for device in ("auto", "cpu", "cuda", "mps"):
                     share = 0.0 if method == "nnunet" else 0.25
@@ -263,3 +263,9 @@ def test_detection_output_parser_is_defensive():
     assert parseDetectionOutput('["cuda"]') == ["cuda", "cpu"]
     assert parseDetectionOutput('["tpu", "cpu"]') == ["cpu"]
     assert parseDetectionOutput("") == ["cpu"]
+
+
+def test_the_panel_offers_only_the_user_methods():
+    assert METHODS == ("nnsam", "nnunet")
+    with pytest.raises(UserError, match="Unknown method 'nnsam-random'; choose one of: nnsam, nnunet"):
+        TrainOptions(method="nnsam-random").validate()

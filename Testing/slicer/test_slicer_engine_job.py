@@ -5,7 +5,8 @@ flags), prints --progress json lines mixed with log text, writes its bundle unde
 it at the end, as the real engine does. Like the engine, its training writes checkpoint_latest.pth (the step
 number) into the hidden work folder beside the bundle every --checkpoint-every steps, keeps that folder when it is
 interrupted or killed, continues from it with --resume, and deletes it once the bundle is written. Behaviour is
-chosen through FAKE_MODE.
+chosen through FAKE_MODE. It implements the engine's stop hook (it ends as on Ctrl-C once the file named by
+NNSAM_STOP_FILE exists) unless FAKE_IGNORES_STOP=1.
 """
 
 import json
@@ -68,6 +69,17 @@ FAKE_ENGINE = textwrap.dedent(r'''
     predict.add_argument("--progress", choices=["text", "json"], default="text")
     args = parser.parse_args()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as the real engine (nnsam_core.cli.interruptible)
+
+    def watchStopFile(path):  # the engine's stop hook: end as on Ctrl-C once the stop file exists
+        import _thread, threading
+        def watch():
+            while not os.path.exists(path):
+                time.sleep(0.05)
+            _thread.interrupt_main()
+        threading.Thread(target=watch, daemon=True).start()
+
+    if os.environ.get("NNSAM_STOP_FILE") and os.environ.get("FAKE_IGNORES_STOP") != "1":
+        watchStopFile(os.environ["NNSAM_STOP_FILE"])
 
     mode = os.environ.get("FAKE_MODE", "ok")
     with open(os.environ["FAKE_ARGS_LOG"], "a") as log:
