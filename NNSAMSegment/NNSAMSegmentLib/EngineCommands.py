@@ -51,7 +51,6 @@ class TrainOptions:
     preset: str = "quick"
     device: str = "auto"
     iterations: Optional[int] = None
-    seed: Optional[int] = None
     resume: bool = False
     checkpointEvery: Optional[int] = None  # iterations between resumable checkpoints (None: the engine's default)
     recomputeShare: Optional[float] = None  # share of steps with fresh embeddings (None: the engine's default)
@@ -63,8 +62,6 @@ class TrainOptions:
         _checkChoice("device", self.device, DEVICES)
         if self.iterations is not None and _asCount(self.iterations) < 1:
             raise UserError(f"The number of iterations must be a whole number of 1 or more, not {self.iterations}.")
-        if self.seed is not None and _asCount(self.seed) < 0:
-            raise UserError(f"The random seed must be a whole number of 0 or more, not {self.seed}.")
         if self.checkpointEvery is not None and _asCount(self.checkpointEvery) < 1:
             raise UserError("The checkpoint interval must be a whole number of 1 or more iterations, not "
                             f"{self.checkpointEvery}.")
@@ -163,8 +160,6 @@ class EngineCommandBuilder:
                 "--device", options.device]
         if options.iterations is not None:
             args += ["--iterations", int(options.iterations)]
-        if options.seed is not None:
-            args += ["--seed", int(options.seed)]
         if options.checkpointEvery is not None:
             args += ["--checkpoint-every", int(options.checkpointEvery)]
         if options.recomputeShare is not None:

@@ -18,12 +18,12 @@ from NNSAMSegmentLib.Settings import DictSettingsStore, ModelMemory
 def test_train_command_follows_the_engine_interface():
     builder = EngineCommandBuilder("/opt/Slicer/bin/PythonSlicer")
     command = builder.train("/j/image.nrrd", "/j/labels.nrrd", "/j/bundle", [77, 12, 40, 12], ["LV", "RV", "Myo"],
-                            TrainOptions(encoder="mobilesam", preset="full", device="cuda", iterations=2, seed=7))
+                            TrainOptions(encoder="mobilesam", preset="full", device="cuda", iterations=2))
     assert command.program == "/opt/Slicer/bin/PythonSlicer"
     assert list(command.args) == [
         "-m", "nnsam_core.cli", "train", "/j/image.nrrd", "/j/labels.nrrd", "-o", "/j/bundle",
         "--slices", "12,40,77", "--class-names", "LV,RV,Myo", "--encoder", "mobilesam", "--method", "nnsam",
-        "--preset", "full", "--device", "cuda", "--iterations", "2", "--seed", "7", "--progress", "json"]
+        "--preset", "full", "--device", "cuda", "--iterations", "2", "--progress", "json"]
     resumed = builder.train("/j/image.nrrd", "/j/labels.nrrd", "/j/bundle", [12], ["LV"],
                             TrainOptions(checkpointEvery=25, resume=True))
     assert list(resumed.args[-7:]) == ["--device", "auto", "--checkpoint-every", "25", "--resume", "--progress",
@@ -56,7 +56,6 @@ def test_other_commands():
     (TrainOptions(iterations=2.5), "iterations"),
     (TrainOptions(iterations=True), "iterations"),
     (TrainOptions(iterations="many"), "iterations"),
-    (TrainOptions(seed=-1), "seed"),
     (TrainOptions(checkpointEvery=0), "checkpoint interval"),
     (TrainOptions(checkpointEvery=2.5), "checkpoint interval"),
     (TrainOptions(recomputeShare=1.5), "fresh embeddings must be a number from 0 to 1"),
@@ -218,13 +217,13 @@ def test_commands_parse_with_the_real_engine_command_line():
                 for device in ("auto", "cpu", "cuda", "mps"):
                     share = 0.0 if method == "nnunet" else 0.25
                     options = TrainOptions(encoder=encoder, method=method, preset=preset, device=device,
-                                           iterations=2, seed=5, resume=True, checkpointEvery=25,
+                                           iterations=2, resume=True, checkpointEvery=25,
                                            recomputeShare=share)
                     args = parse(builder.train("i.nrrd", "l.nrrd", "out", [40, 12], ["LV", "right lung"], options))
                     assert (args.verb, args.image, args.labels, args.output) == ("train", "i.nrrd", "l.nrrd", "out")
                     assert (args.slices, args.class_names) == ("12,40", "LV,right lung")
                     assert (args.encoder, args.method, args.preset, args.device) == (encoder, method, preset, device)
-                    assert (args.iterations, args.seed, args.resume, args.progress) == (2, 5, True, "json")
+                    assert (args.iterations, args.resume, args.progress) == (2, True, "json")
                     assert args.checkpoint_every == 25 and args.recompute_share == share
     args = parse(builder.predict("b", "i.nrrd", "o.nrrd", "cuda"))
     assert (args.verb, args.bundle, args.image, args.output, args.device, args.progress) == (

@@ -50,7 +50,7 @@ FAKE_ENGINE = textwrap.dedent(r'''
     train.add_argument("--encoder", choices=["litemedsam", "mobilesam"], default="litemedsam")
     train.add_argument("--method", choices=["nnsam", "nnunet"], default="nnsam")
     train.add_argument("--preset", choices=["quick", "full"], default="quick")
-    train.add_argument("--iterations", type=int); train.add_argument("--seed", type=int)
+    train.add_argument("--iterations", type=int)
     train.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     train.add_argument("--progress", choices=["text", "json"], default="text"); train.add_argument("--resume",
                                                                                                action="store_true")
@@ -224,7 +224,7 @@ def test_fine_tune_then_segment_end_to_end(workflow, annotatedVolume, tmp_path):
     events = []
     workflow.jobStarted.connect(lambda job: job.progress.connect(events.append))
 
-    job = workflow.startFineTune(volume, annotations, TrainOptions(iterations=2, seed=3))
+    job = workflow.startFineTune(volume, annotations, TrainOptions(iterations=2))
     assert job.wait(30)
 
     assert job.state == JobState.SUCCEEDED, job.errorMessage
@@ -391,7 +391,7 @@ def test_killed_engine_is_resumable_in_a_later_session(scene, fakeEngine, annota
 
     first = session()
     monkeypatch.setenv("FAKE_MODE", "killed")  # kill -9 right after the checkpoint of step 2
-    job = first.startFineTune(*annotatedVolume, TrainOptions(encoder="mobilesam", seed=4, checkpointEvery=2))
+    job = first.startFineTune(*annotatedVolume, TrainOptions(encoder="mobilesam", iterations=6, checkpointEvery=2))
     assert job.wait(30)
     assert job.state == JobState.FAILED and job.exitCode is None
     assert job.errorMessage.startswith("The engine crashed or was killed.")
@@ -402,7 +402,7 @@ def test_killed_engine_is_resumable_in_a_later_session(scene, fakeEngine, annota
     assert second.resumableFineTune is None
     record = second.restoreResumableFineTune()
     assert record == first.resumableFineTune and record.jobDirectory == job.jobDirectory
-    assert (record.options.encoder, record.options.seed, record.options.checkpointEvery) == ("mobilesam", 4, 2)
+    assert (record.options.encoder, record.options.iterations, record.options.checkpointEvery) == ("mobilesam", 6, 2)
     monkeypatch.setenv("FAKE_MODE", "ok")
     monkeypatch.setenv("FAKE_STEPS", "5")
     resumed = second.startResumeFineTune()
