@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import CHEST_SLICES
-from nnsam_core import bundle as bundle_module
+from nnsam_core import zipsafe as zipsafe_module
 from nnsam_core.bundle import Bundle
 from nnsam_core.bundle_files import export_zip, import_zip
 from nnsam_core.errors import NNSAMError
@@ -104,6 +104,7 @@ def _zip_with(tmp_path, trained, extra_name=None, extra_bytes=b"x", symlink=None
 @pytest.mark.parametrize("entry", ["../escaped.txt", "/tmp/absolute_nnsam_test.txt", "sub/../../escaped.txt"])
 def test_zip_with_unsafe_paths_is_refused(trained, tmp_path, entry):
     archive = _zip_with(tmp_path, trained, extra_name=entry)
+    (tmp_path / "out").mkdir()
     with pytest.raises(NNSAMError, match="unsafe path"):
         import_zip(archive, tmp_path / "out" / "model")
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "out" / "escaped.txt").exists()
@@ -119,7 +120,7 @@ def test_zip_with_symlink_is_refused(trained, tmp_path):
 
 
 def test_zip_bomb_is_refused(trained, tmp_path, monkeypatch):
-    monkeypatch.setattr(bundle_module, "MAX_UNPACKED_BYTES", 150 * 1024 ** 2)
+    monkeypatch.setattr(zipsafe_module, "MAX_UNPACKED_BYTES", 150 * 1024 ** 2)
     archive = _zip_with(tmp_path, trained, extra_name="padding.bin", extra_bytes=bytes(200 * 1024 ** 2))
     assert archive.stat().st_size < 100 * 1024 ** 2
     with pytest.raises(NNSAMError, match="zip bomb"):
