@@ -443,10 +443,12 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---------------------------------------------------------------------------------------------- run
     def _trainOptions(self) -> TrainOptions:
+        bundle = self.logic.workflow.currentBundle
+        startFrom = bundle.path if bundle is not None and self.ui.startFromModelCheckBox.checked else None
         return TrainOptions(encoder=self._choice(self.ui.encoderComboBox, DEFAULT_ENCODER),
                             preset=self._choice(self.ui.presetComboBox, "quick"),
                             device=self._choice(self.ui.deviceComboBox, "auto"),
-                            recomputeShare=self._recomputeShare())
+                            recomputeShare=self._recomputeShare(), startFrom=startFrom)
 
     def onFineTune(self) -> None:
         options = self._trainOptions()
@@ -561,6 +563,9 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.enabled = not busy and volume is not None and hasModel and (
             self._resultTarget() == "new" or annotations is not None)
         self.ui.stopButton.enabled = workflow.isBusy
+        self.ui.startFromModelCheckBox.enabled = not busy and hasModel
+        if not hasModel:
+            self.ui.startFromModelCheckBox.checked = False
         resumable = workflow.resumableFineTune is not None
         self.ui.resumeFineTuneButton.enabled = not busy and resumable
         self.ui.discardResumeButton.enabled = not busy and resumable

@@ -46,10 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", help=argparse.SUPPRESS)  # the earlier spelling of DATASET_DIR alone
     train.add_argument("--slices", help="annotated slice indices, e.g. 12,40,77 (default: every slice with a label)")
     train.add_argument("--class-names", help="names of label values 1..N, e.g. LV,RV,LA,RA,Myo")
-    train.add_argument("--encoder", choices=ENCODER_NAMES, default=ENCODER_NAMES[0],
+    train.add_argument("--encoder", choices=ENCODER_NAMES,
                        help="frozen SAM encoder: litemedsam (default, shipped, medical images) or mobilesam (the "
                        "paper's; weights: nnsam weights download mobilesam)")
-    train.add_argument("--method", choices=USER_METHODS, default="nnsam", help=METHOD_HELP)
+    train.add_argument("--method", choices=USER_METHODS, help=METHOD_HELP)
+    train.add_argument("--start-from", metavar="BUNDLE",
+                       help="adapt this saved model to the new scan (its classes, encoder and method; a short "
+                       "schedule) instead of training from scratch; it is only read")
     train.add_argument("--preset", choices=("quick", "full"), default="quick",
                        help="quick: 1000 iterations; full: nnU-Net's 1000 epochs x 250 iterations")
     train.add_argument("--iterations", type=int, help="override the preset's number of training iterations "
@@ -65,8 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(train)
     train.add_argument("--resume", action="store_true", help="continue a stopped training of the same bundle")
     train.add_argument("--overwrite", action="store_true", help="replace an existing bundle at -o")
-    train.add_argument("--checkpoint-every", type=int, metavar="N",
-                       help="write a resumable checkpoint every N iterations (default: every tenth of the run)")
     _add_progress(train)
     train.set_defaults(func=_train)
 
@@ -148,18 +149,31 @@ def _train(args) -> int:
             raise NNSAMError("--recompute-share applies to nnSAM's embeddings; method nnunet has none")
         from dataclasses import replace
 
-        from .config import NNSAMConfig
-        from .methods import TRAINER_CATALOGUE, trainer_name_for
-        base = NNSAMConfig(**TRAINER_CATALOGUE[trainer_name_for(args.method, args.encoder)].config)
+        base = _base_config(args)
         # the trainer's own settings stay None, so a resumed run keeps what it started with
         config = None if base.recompute_share == args.recompute_share else replace(base,
                                                                                     recompute_share=args.recompute_share)
     fine_tune(args.image, args.labels, output=args.output, nnsam_config=config, slices=slices, class_names=names,
               dataset_dir=args.dataset, encoder=args.encoder, method=args.method, preset=args.preset,
               iterations=args.iterations, device=args.device, modality=args.modality, resume=args.resume,
-              overwrite=args.overwrite, checkpoint_every=args.checkpoint_every,
-              max_size=args.max_size, progress=_reporter(args))
+              overwrite=args.overwrite, start_from=args.start_from, max_size=args.max_size,
+              progress=_reporter(args))
     return 0
+
+
+def _base_config(args):
+    """The SAM settings a --recompute-share modifies: the saved model's when adapting one, else the method's."""
+    from .config import NNSAMConfig
+    from .methods import TRAINER_CATALOGUE, trainer_name_for
+
+    if args.start_from:
+        from .bundle import Bundle
+        config = Bundle.load(args.start_from).nnsam_config
+        if config is None:
+            raise NNSAMError("--recompute-share applies to nnSAM's embeddings; the --start-from model has none")
+        return config
+    return NNSAMConfig(**TRAINER_CATALOGUE[trainer_name_for(args.method or "nnsam", args.encoder or
+                                                           ENCODER_NAMES[0])].config)
 
 
 def _predict(args) -> int:

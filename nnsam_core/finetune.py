@@ -21,12 +21,13 @@ from .config import NNSAMConfig
 from .devices import resolve_device
 from .errors import NNSAMError
 from .cases import ImageLike, cases_from_nnunet_dataset, cases_from_sparse_slices, constant_image_warning
+from .adapt import ADAPT_ITERATIONS, adapted_class_names, load_parent
 from .outputs import check_bundle_output
 from .progress import ProgressCallback, make_event, silent
 from .resume import check_same_inputs, config_as_started, fingerprint, record_inputs
 from .training.registry import config_of_trainer, trainer_for
-from .workspace import (CONFIGURATION, FOLD, Workspace, nnunet_output_to_stderr, plan_and_preprocess, scoped_environ,
-                        write_raw_dataset)
+from .workspace import (CONFIGURATION, FOLD, Workspace, nnunet_output_to_stderr, plan_and_preprocess,
+                        preprocess_with_plans, scoped_environ, write_raw_dataset)
 
 # quick: 1000 iterations (40 epochs x 25): about a minute on a GPU with the planned batch; on a CPU the batch is
 # capped at CPU_BATCH_SIZE. Fewer iterations left nnU-Net predicting only the largest structure even on its own
@@ -50,11 +51,15 @@ def _work_dir_for(output: Path) -> Path:
     return output.with_name(f".{output.name}.nnsam-work")
 
 
+CHECKPOINT_SECONDS = 60.0  # a stopped fine-tune loses about this much training
+
+
 def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = None, *, output: os.PathLike,
               slices: Optional[Sequence[int]] = None, class_names: Optional[Sequence[str]] = None,
-              dataset_dir: Optional[os.PathLike] = None, encoder: str = "litemedsam", method: str = "nnsam",
-              preset: str = "quick", iterations: Optional[int] = None, device: str = "auto", seed: int = 0,
-              modality: str = "CT", resume: bool = False, overwrite: bool = False,
+              dataset_dir: Optional[os.PathLike] = None, encoder: Optional[str] = None,
+              method: Optional[str] = None, preset: str = "quick", iterations: Optional[int] = None,
+              device: str = "auto", seed: int = 0, modality: str = "CT", resume: bool = False,
+              overwrite: bool = False, start_from: Optional[os.PathLike] = None,
               checkpoint_every: Optional[int] = None, keep_work_dir: bool = False, max_size: Optional[int] = None,
               progress: ProgressCallback = silent, nnsam_config: Optional[NNSAMConfig] = None) -> Bundle:
     """Fine-tune on annotated slices (``image`` + ``labels``) or an nnU-Net raw dataset (``dataset_dir``) and
@@ -62,9 +67,13 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
 
     Everything is checked before any work: the output (never an input, never a file or folder the user had unless
     ``overwrite`` and it holds only a bundle), the inputs, and on ``resume`` that they match the stopped training.
+    ``start_from``: a saved model to adapt (its plans, weights, method, encoder and SAM settings; a short schedule
+    of ADAPT_ITERATIONS unless ``iterations`` says otherwise). ``encoder`` and ``method`` default to the saved
+    model's, else litemedsam and nnsam.
     ``max_size``: largest in-plane size (pixels) nnU-Net trains at; None = the default (CPU_QUICK_MAX_SIZE for
     the quick preset on a CPU, otherwise the native resolution), 0 = always the native resolution.
-    ``nnsam_config``: the SAM branch's settings (default: the method's trainer's own); the trainer records them."""
+    ``nnsam_config``: the SAM branch's settings (default: the method's trainer's own); the trainer records them.
+    ``checkpoint_every``: a resumable checkpoint every that many iterations (default: about every minute)."""
     if preset not in PRESETS:
         raise NNSAMError(f"unknown preset '{preset}'; choose quick or full")
     if iterations is not None and iterations < 1:
@@ -75,14 +84,24 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
         raise NNSAMError("--max-size must be 0 (native resolution) or at least 32 pixels")
     if dataset_dir is None and (image is None or labels is None):
         raise NNSAMError("give an image and a label map, or an nnU-Net raw dataset folder")
+    inputs = [p for p in (image, labels, dataset_dir, start_from) if isinstance(p, (str, os.PathLike))]
+    output = check_bundle_output(output, inputs, overwrite)
+    parent = None
+    if start_from is not None and max_size is not None:
+        raise NNSAMError("--start-from keeps the saved model's working resolution; leave out --max-size")
+    if start_from is not None:
+        parent = load_parent(start_from, method or _parent_method(start_from),
+                             encoder or _parent_encoder(start_from))
+        method, encoder = parent.bundle.method, (parent.config.encoder if parent.config else encoder)
+        if nnsam_config is None and parent.config is not None:
+            nnsam_config = parent.config
+    method, encoder = method or "nnsam", encoder or "litemedsam"
     trainer_class = trainer_for(method, encoder)
     config = nnsam_config if nnsam_config is not None else config_of_trainer(trainer_class)
     if method == "nnunet" and nnsam_config is not None:
         raise NNSAMError("method nnunet has no SAM branch; give no nnSAM settings with it")
-    inputs = [p for p in (image, labels, dataset_dir) if isinstance(p, (str, os.PathLike))]
-    output = check_bundle_output(output, inputs, overwrite)
     torch_device = resolve_device(device)
-    max_size = working_max_size(max_size, preset, torch_device)
+    max_size = None if parent else working_max_size(max_size, preset, torch_device)
     if config is not None and config.encoder == "mobilesam" and config.pretrained:
         from .weights import require_mobilesam
         require_mobilesam()  # fail now, before minutes of preprocessing
@@ -96,10 +115,13 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
         channel_names = {"0": modality}
         if all(constant_image_warning(c.image) for c in cases):
             progress(make_event("warning", message=constant_image_warning(cases[0].image)))
-    total = iterations or PRESETS[preset]
+    if parent is not None:
+        names = adapted_class_names(parent, names)
+        channel_names = parent.bundle.dataset_json.get("channel_names", channel_names)
+    total = iterations or (ADAPT_ITERATIONS if parent else PRESETS[preset])
     record = fingerprint(cases, {"classes": names, "slices": trained_slices, "channels": channel_names,
                                  "trainer": trainer_class.__name__, "iterations": total, "max_size": max_size,
-                                 "seed": seed})
+                                 "seed": seed, "start_from": parent.record()["id"] if parent else None})
 
     with exclusive_output(output):
         workspace = Workspace(_work_dir_for(output))
@@ -114,19 +136,27 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
                 shutil.rmtree(workspace.root)
             write_raw_dataset(workspace, cases, names, channel_names)
             record_inputs(workspace.root, record)
-            progress(make_event("plan", message=f"planning nnU-Net on {len(cases)} annotated slices"))
-            plans = plan_and_preprocess(workspace, max_size=max_size)
+            if parent is not None:
+                progress(make_event("plan", message=f"preparing {len(cases)} annotated slices as {parent.path.name}"
+                                    " was trained"))
+                plans = preprocess_with_plans(workspace, parent.bundle.plans)
+            else:
+                progress(make_event("plan", message=f"planning nnU-Net on {len(cases)} annotated slices"))
+                plans = plan_and_preprocess(workspace, max_size=max_size)
             if torch_device.type == "cpu":
                 cap_batch_size(workspace, plans, CPU_BATCH_SIZE)
 
         seed_everything(seed)
         trainer = _run_trainer(workspace, trainer_class, config, torch_device, total, progress,
                                checkpoint if resuming else None, checkpoint_every,
-                               progress_plot="end" if keep_work_dir else "never")
+                               progress_plot="end" if keep_work_dir else "never",
+                               initial_weights=parent.bundle.network_weights if parent and not resuming else None)
 
         progress(make_event("save", message=f"writing bundle {output}"))
         manifest = _manifest(trainer, names, preset, seed, torch_device, trained_slices,
                              image if isinstance(image, (str, os.PathLike)) else None, dataset_dir, max_size)
+        if parent is not None:
+            manifest["training"]["start_from"] = parent.record()
         network = trainer._network_module() if hasattr(trainer, "_network_module") else trainer.network
         write_bundle(output, manifest, trainer.plans_manager.plans, trainer.dataset_json, network.state_dict(),
                      trainer.inference_allowed_mirroring_axes)
@@ -135,6 +165,23 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
     bundle = Bundle.load(output)
     progress(make_event("done", 1, 1, message=f"bundle written to {output}"))
     return bundle
+
+
+def _parent_method(path) -> str:
+    return _peek_manifest(path).get("method") or "nnsam"
+
+
+def _parent_encoder(path) -> str:
+    return ((_peek_manifest(path).get("nnsam_config") or {}).get("encoder")) or "litemedsam"
+
+
+def _peek_manifest(path) -> dict:
+    """The saved model's nnsam.json, read without checks (load_parent checks the whole bundle right after)."""
+    try:
+        data = json.loads((Path(path) / "nnsam.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def working_max_size(requested: Optional[int], preset: str, device: torch.device) -> Optional[int]:
@@ -153,9 +200,8 @@ def cap_batch_size(workspace: Workspace, plans: dict, batch_size: int) -> None:
 
 
 def _run_trainer(workspace: Workspace, trainer_class, config: Optional[NNSAMConfig], device: torch.device,
-                 total_iterations: int,
-                 progress: ProgressCallback, resume_checkpoint: Optional[Path], checkpoint_every: Optional[int],
-                 progress_plot: str):
+                 total_iterations: int, progress: ProgressCallback, resume_checkpoint: Optional[Path],
+                 checkpoint_every: Optional[int], progress_plot: str, initial_weights: Optional[dict] = None):
     plans = json.loads((workspace.preprocessed_dataset / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((workspace.preprocessed_dataset / "dataset.json").read_text())
     plans["continue_training"] = resume_checkpoint is not None  # nnU-Net's run_training sets this key
@@ -167,6 +213,8 @@ def _run_trainer(workspace: Workspace, trainer_class, config: Optional[NNSAMConf
         if config is not None:
             trainer.nnsam_config = config  # before initialisation: the network is built with it
         trainer.set_schedule(total_iterations, checkpoint_every)
+        trainer.checkpoint_seconds = None if checkpoint_every else CHECKPOINT_SECONDS
+        trainer.initial_weights = initial_weights
         trainer.progress_callback = progress
         trainer.progress_plot = progress_plot
         if resume_checkpoint is not None:

@@ -20,16 +20,6 @@ METHODS = ("nnsam", "nnunet")  # the engine's user command line; research contro
 PRESETS = ("quick", "full")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 ENGINE_MODULE = "nnsam_core.cli"
-# Iterations between resumable checkpoints, per preset: one of the engine's own epochs (25 iterations for quick,
-# 250 for full), so the schedule is the engine's default and only the checkpoints come more often (the default
-# writes one every tenth of the run: hours of a full run). A Stop then loses at most one epoch: seconds to a few
-# minutes on a GPU.
-CHECKPOINT_EVERY = {"quick": 25, "full": 250}
-# Share of the training steps that run the SAM encoder on the augmented patch instead of using the cached embedding
-# (the engine's --recompute-share): the panel's speed/accuracy choice. Rule: the default is the smallest share that
-# measured as accurate as recomputing every step, at a modest cost per step over the cache alone (figures and
-# conditions: docs/results.md). The default is the engine's (nnsam_core.methods.DEFAULT_RECOMPUTE_SHARE; a test
-# keeps them equal; the module does not import the engine, which runs in its own process).
 RECOMPUTE_SHARES = (0.0, 0.1, 0.25, 1.0)
 DEFAULT_RECOMPUTE_SHARE = 0.1
 
@@ -52,7 +42,7 @@ class TrainOptions:
     device: str = "auto"
     iterations: Optional[int] = None
     resume: bool = False
-    checkpointEvery: Optional[int] = None  # iterations between resumable checkpoints (None: the engine's default)
+    startFrom: Optional[str] = None  # a saved model's bundle folder to adapt instead of learning from scratch
     recomputeShare: Optional[float] = None  # share of steps with fresh embeddings (None: the engine's default)
 
     def validate(self) -> None:
@@ -62,9 +52,6 @@ class TrainOptions:
         _checkChoice("device", self.device, DEVICES)
         if self.iterations is not None and _asCount(self.iterations) < 1:
             raise UserError(f"The number of iterations must be a whole number of 1 or more, not {self.iterations}.")
-        if self.checkpointEvery is not None and _asCount(self.checkpointEvery) < 1:
-            raise UserError("The checkpoint interval must be a whole number of 1 or more iterations, not "
-                            f"{self.checkpointEvery}.")
         if self.recomputeShare is not None:
             share = _asShare(self.recomputeShare)
             if share is None:
@@ -155,14 +142,15 @@ class EngineCommandBuilder:
         options.validate()
         args = ["train", os.fspath(image), os.fspath(labels), "-o", os.fspath(outputDir),
                 "--slices", ",".join(str(k) for k in validateSlices(slices)),
-                "--class-names", ",".join(validateClassNames(classNames)),
-                "--encoder", options.encoder, "--method", options.method, "--preset", options.preset,
-                "--device", options.device]
+                "--class-names", ",".join(validateClassNames(classNames))]
+        if options.startFrom:  # the saved model brings its own encoder, method and SAM settings
+            args += ["--start-from", os.fspath(options.startFrom)]
+        else:
+            args += ["--encoder", options.encoder, "--method", options.method]
+        args += ["--preset", options.preset, "--device", options.device]
         if options.iterations is not None:
             args += ["--iterations", int(options.iterations)]
-        if options.checkpointEvery is not None:
-            args += ["--checkpoint-every", int(options.checkpointEvery)]
-        if options.recomputeShare is not None:
+        if options.recomputeShare is not None and not options.startFrom:
             args += ["--recompute-share", f"{float(options.recomputeShare):g}"]
         if options.resume:
             args.append("--resume")

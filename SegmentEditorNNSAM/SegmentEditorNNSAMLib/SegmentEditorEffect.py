@@ -67,6 +67,10 @@ as fully annotated.</li>
         self.modelLabel = qt.QLabel()
         self.modelLabel.wordWrap = True
         self.scriptedEffect.addLabeledOptionsWidget("Current model:", self.modelLabel)
+        self.startFromModelCheckBox = qt.QCheckBox("Fine-tune starts from the current model")
+        self.startFromModelCheckBox.toolTip = ("Adapt the current model to this scan with a short schedule instead "
+                                               "of learning from scratch (same segments, same order).")
+        self.scriptedEffect.addOptionsWidget(self.startFromModelCheckBox)
 
         self.fineTuneButton = qt.QPushButton("Fine-tune and preview")
         self.fineTuneButton.toolTip = "Fine-tune on the painted slices, then preview the other slices."
@@ -136,6 +140,9 @@ as fully annotated.</li>
         bundle = workflow.currentBundle
         self.modelLabel.text = bundle.describe() if bundle else "None yet: fine-tune on your painted slices."
         self.fineTuneButton.enabled = not busy
+        self.startFromModelCheckBox.enabled = not busy and bundle is not None
+        if bundle is None:
+            self.startFromModelCheckBox.checked = False
         self.previewButton.enabled = not busy and bundle is not None
         self.applyButton.enabled = not busy and self._prediction is not None
         self.cancelButton.enabled = self._prediction is not None
@@ -233,8 +240,10 @@ as fully annotated.</li>
         self._removePreview()
         self._rememberChoices()
         memory = self._logic().workflow.memory
+        bundle = self._logic().workflow.currentBundle
+        startFrom = bundle.path if bundle is not None and self.startFromModelCheckBox.checked else None
         options = TrainOptions(encoder=memory.encoder, preset=memory.preset, device=memory.device,
-                               recomputeShare=memory.recomputeShare)
+                               recomputeShare=memory.recomputeShare, startFrom=startFrom)
         options.validate()
         self._ensureDependencies()
         job = self._logic().workflow.startFineTune(volumeNode, segmentationNode, options)

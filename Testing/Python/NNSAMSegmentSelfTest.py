@@ -40,7 +40,7 @@ STAND_IN_ENGINE = textwrap.dedent(r'''
     train = verbs.add_parser("train")
     train.add_argument("image"); train.add_argument("labels"); train.add_argument("-o", required=True)
     for flag in ("--slices", "--class-names", "--encoder", "--method", "--preset", "--device", "--iterations",
-                 "--checkpoint-every", "--recompute-share", "--progress"):
+                 "--start-from", "--recompute-share", "--progress"):
         train.add_argument(flag)
     train.add_argument("--resume", action="store_true")
     predict = verbs.add_parser("predict")

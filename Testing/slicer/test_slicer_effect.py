@@ -89,7 +89,7 @@ def effectModule(monkeypatch, scene):
     import slicer
 
     qt = types.ModuleType("qt")
-    for name in ("QComboBox", "QLabel", "QPushButton", "QHBoxLayout", "QProgressBar", "QIcon"):
+    for name in ("QComboBox", "QLabel", "QPushButton", "QCheckBox", "QHBoxLayout", "QProgressBar", "QIcon"):
         setattr(qt, name, FakeWidget)
     effects = types.ModuleType("SegmentEditorEffects")
     abstract = types.ModuleType("SegmentEditorEffects.AbstractScriptedSegmentEditorEffect")
