@@ -318,3 +318,20 @@ def test_chest_ct_becomes_a_one_case_raw_dataset_for_the_in_volume_protocol(tmp_
     assert main(["benchmark", "--in-volume", str(folder), "-o", str(tmp_path / "r"), "--methods", "fill-between",
                  "--annotated", "3", "5", "--dry-run"]) == 0
     assert "chest_01" in capsys.readouterr().out
+
+
+def test_in_volume_benchmark_with_a_trained_network_beside_fill_between(tmp_path):
+    """The real harness (fine_tune at 2 iterations, Segmenter) and fill between slices on one tiny volume."""
+    ds = _write_dataset(tmp_path / "Dataset989_Vol", volumes={"vol_01": (7, [1, 2, 3, 4, 5])}, size=32)
+    settings = Settings(protocol="in-volume", dataset=str(ds.resolve()), iterations=2, device="cpu")
+    plan = Plan(settings=settings, methods=["nnunet", FILL_BETWEEN], annotated=[2])
+    result = run_in_volume_benchmark(ds, tmp_path / "report", plan, log=lambda _: None)
+    assert result["trained"] == 2
+    network = json.loads((tmp_path / "report/runs/nnunet/k2_seed0/vol_01/metrics.json").read_text())
+    filled = json.loads((tmp_path / "report/runs/fill-between/k2_seed0/vol_01/metrics.json").read_text())
+    assert network["iterations"] == 2 and network["train_seconds"] > 0
+    assert network["scored_slices"] == filled["scored_slices"] == [1, 3, 5]
+    text = (tmp_path / "report" / "report.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| 2 | nnU-Net |")]
+    assert any("(" in row and "/" in row for row in rows)  # a paired row against fill between slices
+    assert "| Fill between slices |" in text and "| nnU-Net |" in text
