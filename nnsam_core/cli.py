@@ -262,10 +262,10 @@ def run_verb(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = No
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning)  # third-party deprecation chatter, not for users
     interruptible()
-    watch_stop_file()
     args = parser.parse_args(_joined_negative_values(sys.argv[1:] if argv is None else list(argv)))
     json_mode = getattr(args, "progress", None) == "json"
     try:
+        watch_stop_file()  # inside: a stop that comes at once is still one line, not a traceback
         return int(args.func(args) or 0)
     except NNSAMError as exc:
         return _fail(str(exc), exc.exit_code, json_mode)
