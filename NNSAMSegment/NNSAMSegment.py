@@ -1,7 +1,8 @@
 """nnSAM Segment: annotate a few slices, fine-tune nnSAM locally, segment the heart's chambers in the whole volume.
 
 This file only wires Slicer's GUI to the logic in ``NNSAMSegmentLib`` (which is tested without Qt). Long jobs run
-in a separate process (the ``nnsam_core`` engine under PythonSlicer), so the panel stays responsive.
+in a separate process (the ``nnsam_core`` engine under PythonSlicer), so the panel stays responsive. The Slicer
+self-test is ``Testing/Python/NNSAMSegmentSelfTest.py`` (run by ctest).
 """
 
 import logging
@@ -13,8 +14,8 @@ import qt
 import slicer
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
 from NNSAMSegmentLib.Bundles import BundleInfo, BundleStore
@@ -30,7 +31,7 @@ from NNSAMSegmentLib.Progress import formatDuration
 from NNSAMSegmentLib.ResultImport import ImportSummary
 from NNSAMSegmentLib.Settings import ModelMemory, QtSettingsStore
 from NNSAMSegmentLib.SharedResources import TERMINOLOGY_FILE, WEIGHTS_MANIFEST_FILE, sharedResourcePath
-from NNSAMSegmentLib.Terminology import CardiacTerminology
+from NNSAMSegmentLib.Terminology import CardiacTerminology, loadTerminologyIntoSlicer
 from NNSAMSegmentLib.Weights import WeightsManifest, parseWeightsStatus
 from NNSAMSegmentLib.Workflow import NNSAMWorkflow
 
@@ -50,8 +51,8 @@ class NNSAMSegment(ScriptedLoadableModule):
         self.parent.helpText = _("""
 Annotate LV, RV, LA, RA and myocardium on a few slices of the loaded CT, fine-tune an nnSAM model (nnU-Net with a
 frozen Segment Anything encoder) on them on this computer, and get the whole volume segmented. Saved models segment
-new scans in one click. The Segment Editor also offers the "nnSAM" effect.
-See the <a href="https://github.com/NNSAMSegment/NNSAMSegment#readme">documentation</a>.
+new scans in one click. The Segment Editor also offers the "nnSAM" effect. The extension's README describes the
+workflow and the options.
 """)
         self.parent.acknowledgementText = _("""
 nnSAM: Li et al., "nnSAM: Plug-and-play Segment Anything Model Improves nnUNet Performance". Built on nnU-Net v2,
@@ -63,7 +64,7 @@ MobileSAM and LiteMedSAM. The process handling follows SlicerNNUNet and SlicerTo
 def loadCardiacTerminology() -> None:
     """Make the cardiac codes selectable in Slicer's terminology dialogs too."""
     try:
-        slicer.modules.terminologies.logic().LoadTerminologyFromFile(sharedResourcePath(TERMINOLOGY_FILE))
+        loadTerminologyIntoSlicer(slicer.modules.terminologies.logic(), sharedResourcePath(TERMINOLOGY_FILE))
     except Exception as error:  # a missing resource must not break Slicer's startup
         logging.warning(f"NNSAMSegment: cardiac terminology not loaded: {error}")
 
@@ -96,6 +97,7 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observedSegmentation = None
         self._deviceRunner = None
         self._weightsJob = None
+        self._jobConnections = []  # (signal, id) of the running job's connections, dropped by cleanup()
 
     # ---------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -127,10 +129,10 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._annotationTimer = qt.QTimer()
         self._annotationTimer.setSingleShot(True)
         self._annotationTimer.setInterval(self.ANNOTATION_REFRESH_DELAY_MS)
-        self._annotationTimer.timeout.connect(self.updateAnnotatedSlices)
+        self._annotationTimer.connect("timeout()", self.updateAnnotatedSlices)
         self._statusTimer = qt.QTimer()
         self._statusTimer.setInterval(1000)
-        self._statusTimer.timeout.connect(self._refreshStatus)
+        self._statusTimer.connect("timeout()", self._refreshStatus)
 
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputsChanged)
         self.ui.annotationSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputsChanged)
@@ -157,6 +159,9 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             (workflow.jobStarted, workflow.jobStarted.connect(self.onJobStarted)),
             (workflow.bundleChanged, workflow.bundleChanged.connect(lambda bundle: self.updateBundleLabel())),
             (workflow.resumableChanged, workflow.resumableChanged.connect(self.onResumableChanged)),
+            # pip lets Qt process clicks while it runs: the buttons are disabled until it has finished
+            (self.logic.installLogic.busyChanged,
+             self.logic.installLogic.busyChanged.connect(lambda installing: self.updateButtons())),
         ]
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -173,8 +178,9 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self.removeObservers()
-        for signal, connectionId in getattr(self, "_workflowConnections", []):
+        for signal, connectionId in getattr(self, "_workflowConnections", []) + self._jobConnections:
             signal.disconnect(connectionId)
+        self._jobConnections = []
         self._statusTimer.stop()
         self._annotationTimer.stop()
 
@@ -198,11 +204,13 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---------------------------------------------------------------------------------------------- helpers
     def _guard(self, action) -> None:
-        """Run a button's action; problems the user can fix appear as one line in the panel."""
+        """Run a button's action; problems the user can fix appear as one line in the panel.
+
+        No busy cursor here: actions open dialogs first. The work after the dialogs runs under :meth:`_busy`.
+        """
         self.showError("")
         try:
-            with slicer.util.WaitCursor():
-                action()
+            action()
         except UserError as error:
             self.showError(str(error))
         except Exception as error:
@@ -241,7 +249,12 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                   0.25: _("1 training step in 4"), 1.0: _("every training step (slowest)")}
         return labels.get(share, f"{share:g}")
 
+    @staticmethod
+    def _busy():
+        return slicer.util.WaitCursor()
+
     def _ensureDependencies(self) -> bool:
+        """Install what is missing (asks first). The buttons are disabled meanwhile: pip lets Qt process clicks."""
         installLogic = self.logic.installLogic
         installLogic.log = self.appendLog
         if not installLogic.ensureDependencies():
@@ -284,7 +297,8 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
             segmentation.CreateDefaultDisplayNodes()
             self.ui.annotationSegmentationSelector.setCurrentNode(segmentation)
-        self.logic.workflow.ensureCardiacSegments(segmentation, volume)
+        with self._busy():
+            self.logic.workflow.ensureCardiacSegments(segmentation, volume)
         self.appendLog(_("Cardiac segments ready in '{name}': paint them on a few slices in the Segment Editor.")
                        .format(name=segmentation.GetName()))
 
@@ -326,12 +340,27 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def _detectDevices(self) -> None:
-        """Ask a separate Python which devices torch sees (no freeze, no risk from a broken driver)."""
+        """Ask a separate Python which devices torch sees (no freeze, no risk from a broken driver).
+
+        Once per session (the logic keeps the answer), and not in testing mode: the generic tests open the panel
+        on machines without PyTorch, and nothing there needs the list.
+        """
+        if self.logic.detectedDevices is not None:
+            self._fillDeviceComboBox(self.logic.detectedDevices)
+            return
+        if slicer.app.testingEnabled():
+            return
         runner = QProcessRunner()
         output = []
+
+        def onFinished(exitCode, errorText) -> None:
+            self.logic.detectedDevices = parseDetectionOutput(b"".join(output).decode("utf-8", "replace"))
+            self._deviceRunner = None
+            if self.ui is not None:
+                self._fillDeviceComboBox(self.logic.detectedDevices)
+
         runner.stdoutReceived.connect(output.append)
-        runner.finished.connect(lambda exitCode, errorText: self._fillDeviceComboBox(
-            parseDetectionOutput(b"".join(output).decode("utf-8", "replace"))))
+        runner.finished.connect(onFinished)
         self._deviceRunner = runner  # keep it alive until it has answered
         runner.start(self.logic.workflow.commandBuilder.pythonExecutable, ["-c", DETECTION_SCRIPT])
 
@@ -356,7 +385,8 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSaveBundle(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Save the model into folder"))
         if folder:
-            path = self.logic.workflow.saveBundle(folder)
+            with self._busy():
+                path = self.logic.workflow.saveBundle(folder)
             self.appendLog(_("Model saved to {path}").format(path=path))
             self.ui.statusLabel.text = _("Model saved to {path}").format(path=path)
 
@@ -373,7 +403,8 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                               _("Model bundle (*.zip)"))
         if path:
             self._ensureDependencies()
-            self.logic.workflow.startImportBundleZip(path)
+            with self._busy():
+                self.logic.workflow.startImportBundleZip(path)
 
     def onExportBundle(self) -> None:
         bundle = self.logic.workflow.currentBundle
@@ -385,7 +416,8 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not path.lower().endswith(".zip"):
                 path += ".zip"
             self._ensureDependencies()
-            self.logic.workflow.startExportBundleZip(path)
+            with self._busy():
+                self.logic.workflow.startExportBundleZip(path)
 
     # ---------------------------------------------------------------------------------------------- weights
     def onDownloadWeights(self) -> None:
@@ -396,7 +428,8 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not isNonInteractive() and not slicer.util.confirmOkCancelDisplay(question, _("nnSAM: download weights")):
             return
         self._ensureDependencies()
-        self.logic.workflow.startWeightsDownload(encoder)
+        with self._busy():
+            self.logic.workflow.startWeightsDownload(encoder)
 
     def onImportWeights(self) -> None:
         encoder = self._choice(self.ui.encoderComboBox, DEFAULT_ENCODER)
@@ -405,14 +438,17 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                               "", _("PyTorch weights (*.pt *.pth);;All files (*)"))
         if path:
             self._ensureDependencies()
-            self.logic.workflow.startWeightsImport(encoder, path)
+            with self._busy():
+                self.logic.workflow.startWeightsImport(encoder, path)
 
     # ---------------------------------------------------------------------------------------------- run
     def _trainOptions(self) -> TrainOptions:
+        bundle = self.logic.workflow.currentBundle
+        startFrom = bundle.path if bundle is not None and self.ui.startFromModelCheckBox.checked else None
         return TrainOptions(encoder=self._choice(self.ui.encoderComboBox, DEFAULT_ENCODER),
                             preset=self._choice(self.ui.presetComboBox, "quick"),
                             device=self._choice(self.ui.deviceComboBox, "auto"),
-                            recomputeShare=self._recomputeShare())
+                            recomputeShare=self._recomputeShare(), startFrom=startFrom)
 
     def onFineTune(self) -> None:
         options = self._trainOptions()
@@ -421,11 +457,13 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                    interactive=not isNonInteractive()):
             return
         self._ensureDependencies()
-        self.logic.workflow.startFineTune(self._volume(), self._annotations(), options)
+        with self._busy():  # writes the image and the labels for the engine
+            self.logic.workflow.startFineTune(self._volume(), self._annotations(), options)
 
     def onResumeFineTune(self) -> None:
         self._ensureDependencies()
-        self.logic.workflow.startResumeFineTune()
+        with self._busy():
+            self.logic.workflow.startResumeFineTune()
 
     def onDiscardResume(self) -> None:
         if not isNonInteractive() and not slicer.util.confirmOkCancelDisplay(
@@ -443,8 +481,9 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSegment(self) -> None:
         self._ensureDependencies()
-        self.logic.workflow.startSegment(self._volume(), self._resultTarget(), self._annotations(),
-                                         device=self._choice(self.ui.deviceComboBox, "auto"))
+        with self._busy():  # writes the image for the engine
+            self.logic.workflow.startSegment(self._volume(), self._resultTarget(), self._annotations(),
+                                             device=self._choice(self.ui.deviceComboBox, "auto"))
 
     def onUndoResult(self) -> None:
         if self.logic.workflow.undoLastResult():
@@ -453,9 +492,9 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onJobStarted(self, job) -> None:
         self._job = job
-        job.progress.connect(lambda event: self._refreshStatus())
-        job.logged.connect(self.appendLog)
-        job.finished.connect(self.onJobFinished)
+        self._jobConnections = [(job.progress, job.progress.connect(lambda event: self._refreshStatus())),
+                                (job.logged, job.logged.connect(self.appendLog)),
+                                (job.finished, job.finished.connect(self.onJobFinished))]
         self.ui.progressBar.show()
         self.ui.progressBar.setRange(0, 0)  # busy until the first progress line
         self.ui.statusLabel.text = f"{job.title}..."
@@ -517,13 +556,16 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.ui is None or self.logic is None:
             return
         workflow = self.logic.workflow
-        busy = workflow.isBusy
+        busy = workflow.isBusy or self.logic.installLogic.installing
         volume, annotations = self._volume(), self._annotations()
         hasModel = workflow.currentBundle is not None
         self.ui.fineTuneButton.enabled = not busy and volume is not None and annotations is not None
         self.ui.segmentButton.enabled = not busy and volume is not None and hasModel and (
             self._resultTarget() == "new" or annotations is not None)
-        self.ui.stopButton.enabled = busy
+        self.ui.stopButton.enabled = workflow.isBusy
+        self.ui.startFromModelCheckBox.enabled = not busy and hasModel
+        if not hasModel:
+            self.ui.startFromModelCheckBox.checked = False
         resumable = workflow.resumableFineTune is not None
         self.ui.resumeFineTuneButton.enabled = not busy and resumable
         self.ui.discardResumeButton.enabled = not busy and resumable
@@ -592,98 +634,9 @@ class NNSAMSegmentLogic(ScriptedLoadableModuleLogic):
             jobBaseDirectory=os.path.join(slicer.app.temporaryPath, "NNSAMSegment"))
         interactive = not (isNonInteractive() or slicer.app.testingEnabled())
         self.installLogic = InstallLogic(interactive=interactive)
+        self.detectedDevices = None  # the compute devices torch sees, once asked (see NNSAMSegmentWidget)
 
     def encoderLabel(self, encoder: str) -> str:
         if self.manifest is not None and encoder in self.manifest.encoders:
             return self.manifest.encoders[encoder].label
         return encoder
-
-
-#
-# NNSAMSegmentTest
-#
-
-
-class NNSAMSegmentTest(ScriptedLoadableModuleTest):
-    """Fine-tunes for two iterations on four annotated slices of a small real chest CT, then segments.
-
-    Needs the engine and its packages (installed without questions in testing mode); takes a few minutes on a CPU.
-    """
-
-    KEPT_SLICES = [6, 13, 20, 27]
-
-    def setUp(self):
-        slicer.mrmlScene.Clear()
-
-    def runTest(self):
-        self.setUp()
-        self.test_FineTuneAndSegmentChestCT()
-
-    def test_FineTuneAndSegmentChestCT(self):
-        import tempfile
-
-        import numpy as np
-
-        from NNSAMSegmentLib.Annotations import AnnotationReader
-        from NNSAMSegmentLib.Settings import DictSettingsStore
-
-        self.delayDisplay("Checking the engine's packages")
-        logic = NNSAMSegmentLogic(settingsStore=DictSettingsStore())  # leave the user's remembered model alone
-        logic.installLogic.interactive = False
-        self.assertTrue(logic.installLogic.ensureDependencies())
-        workDirectory = tempfile.mkdtemp(prefix="nnsam-selftest-")
-        logic.workflow.store = BundleStore(os.path.join(workDirectory, "bundles"))
-
-        import slicerio
-
-        volume = slicer.util.loadVolume(slicerio.get_testdata_file("CTChest4.nrrd"))
-        annotations = slicer.util.loadSegmentation(slicerio.get_testdata_file("Segmentation.seg.nrrd"))
-        reader = AnnotationReader(slicer.mrmlScene)
-        segmentation = annotations.GetSegmentation()
-        segmentIds = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
-        full = reader.mergedLabelArray(annotations, volume, segmentIds)
-
-        self.delayDisplay(f"Keeping only slices {self.KEPT_SLICES} as the user's annotation")
-        others = [k for k in range(full.shape[0]) if k not in self.KEPT_SLICES]
-        for index, segmentId in enumerate(segmentIds):
-            mask = (full == index + 1).astype(np.uint8)
-            mask[others] = 0
-            slicer.util.updateSegmentBinaryLabelmapFromArray(mask, annotations, segmentId, volume)
-        self.assertEqual(reader.annotatedSlicesOf(annotations, volume), self.KEPT_SLICES)
-        painted = reader.mergedLabelArray(annotations, volume, segmentIds)
-        paintedNames = [segmentation.GetSegment(segmentIds[value - 1]).GetName()
-                        for value in sorted(set(np.unique(painted)) - {0})]
-
-        self.delayDisplay("Fine-tuning (2 iterations)")
-        job = logic.workflow.startFineTune(volume, annotations, TrainOptions(iterations=2, preset="quick"))
-        self.assertTrue(job.wait(3600), "fine-tuning did not finish")
-        self.assertEqual(job.state, JobState.SUCCEEDED, job.errorMessage)
-        bundle = job.result
-        self.assertEqual(bundle.classNames, paintedNames)
-        self.assertTrue(os.path.isfile(os.path.join(bundle.path, "nnsam.json")))
-
-        self.delayDisplay("Segmenting into a new segmentation")
-        job = logic.workflow.startSegment(volume, target="new")
-        self.assertTrue(job.wait(3600), "segmentation did not finish")
-        self.assertEqual(job.state, JobState.SUCCEEDED, job.errorMessage)
-        resultNode = job.result.segmentationNode
-        self.assertEqual(resultNode.GetSegmentation().GetNumberOfSegments(), len(paintedNames))
-        resultIds = [resultNode.GetSegmentation().GetNthSegmentID(i) for i in range(len(paintedNames))]
-        result = reader.mergedLabelArray(resultNode, volume, resultIds)
-        self.assertEqual(result.shape, full.shape)
-        self.assertLessEqual(int(result.max()), len(paintedNames))
-
-        self.delayDisplay("Filling the unannotated slices of the annotations")
-        job = logic.workflow.startSegment(volume, target="fill", annotationNode=annotations)
-        self.assertTrue(job.wait(3600), "segmentation did not finish")
-        self.assertEqual(job.state, JobState.SUCCEEDED, job.errorMessage)
-        after = reader.mergedLabelArray(annotations, volume, segmentIds)
-        self.assertTrue(np.array_equal(after[self.KEPT_SLICES], painted[self.KEPT_SLICES]),
-                        "annotated slices changed")
-        self.assertTrue(logic.workflow.undoLastResult())
-        self.assertTrue(np.array_equal(reader.mergedLabelArray(annotations, volume, segmentIds), painted))
-
-        import shutil
-
-        shutil.rmtree(workDirectory, ignore_errors=True)
-        self.delayDisplay("Test passed")

@@ -93,24 +93,32 @@ class Bundle:
         _check_manifest_fields(manifest, folder)
         for name in PAYLOAD_FILES:
             file = folder / name
-            if not file.is_file() or file.is_symlink():
+            if file.is_symlink():
+                raise NNSAMError(f"bundle {folder.name}: {name} is a link; a bundle holds plain files, export it again")
+            if not file.is_file():
                 raise NNSAMError(f"bundle {folder.name} lacks {name}; the bundle is incomplete, export it again")
             expected = manifest["files"].get(name)
-            if sha256_of(file) != expected:
+            try:
+                actual = sha256_of(file)
+            except OSError as exc:
+                raise NNSAMError(f"bundle {folder.name}: cannot read {name} ({exc.strerror}); check its "
+                                 "permissions") from None
+            if actual != expected:
                 raise NNSAMError(f"bundle {folder.name}: {name} does not match its SHA-256 in {MANIFEST} "
                                  "(damaged or tampered); do not use it, get the bundle again from its author")
+        plans = _read_json(folder, "plans.json")
+        dataset_json = _read_json(folder, "dataset.json")
         try:
             checkpoint = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise NNSAMError(f"bundle {folder.name}: {MODEL_FILE} holds more than plain tensors "
+            raise NNSAMError(f"bundle {folder.name}: {MODEL_FILE} holds more than plain tensors or is damaged "
                              f"({exc.__class__.__name__}); refusing to load it") from None
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("network_weights"), dict):
             raise NNSAMError(f"bundle {folder.name}: {MODEL_FILE} has no network weights")
+        check_consistency(folder.name, manifest, plans, dataset_json, checkpoint["network_weights"])
         mirror = checkpoint.get("inference_allowed_mirroring_axes")
-        return cls(folder, manifest, json.loads((folder / "plans.json").read_text()),
-                   json.loads((folder / "dataset.json").read_text()), checkpoint["network_weights"],
+        return cls(folder, manifest, plans, dataset_json, checkpoint["network_weights"],
                    tuple(mirror) if mirror is not None else None)
-
 
     @property
     def nnsam_config(self) -> Optional[NNSAMConfig]:
@@ -144,7 +152,7 @@ class Bundle:
         except (ValueError, TypeError, AttributeError) as exc:
             raise NNSAMError(f"{recorded_file} is not a valid nnSAM configuration ({exc}); restore it from the "
                              "training run or delete it to use the trainer's defaults") from None
-        dataset_json = json.loads((model_dir / "dataset.json").read_text())
+        dataset_json = _read_json(model_dir, "dataset.json")
         labels = {k: int(v) for k, v in dataset_json["labels"].items() if k != "background"}
         manifest = {
             "format_version": FORMAT_VERSION, "method": TRAINER_CATALOGUE[trainer_name].method,
@@ -155,9 +163,11 @@ class Bundle:
             "files": {}, "source": f"nnU-Net results folder {fold_dir}",
         }
         _check_manifest_fields(manifest, fold_dir)
+        plans = _read_json(model_dir, "plans.json")
+        check_consistency(model_dir.name, manifest, plans, dataset_json, checkpoint["network_weights"])
         mirror = checkpoint.get("inference_allowed_mirroring_axes")
-        return cls(fold_dir, manifest, json.loads((model_dir / "plans.json").read_text()), dataset_json,
-                   checkpoint["network_weights"], tuple(mirror) if mirror is not None else None)
+        return cls(fold_dir, manifest, plans, dataset_json, checkpoint["network_weights"],
+                   tuple(mirror) if mirror is not None else None)
 
 
 def _check_manifest_fields(manifest: dict, folder: Path) -> None:
@@ -181,3 +191,40 @@ def _check_manifest_fields(manifest: dict, folder: Path) -> None:
                              "is damaged") from None
     if manifest["configuration"] != "2d":
         raise NNSAMError(f"bundle {folder.name} uses configuration {manifest['configuration']}; only 2d is supported")
+
+
+def _read_json(folder: Path, name: str) -> dict:
+    try:
+        data = json.loads((folder / name).read_text())
+    except (OSError, ValueError) as exc:
+        raise NNSAMError(f"bundle {folder.name}: {name} is not readable JSON ({exc.__class__.__name__}); the "
+                         "bundle is damaged, export it again") from None
+    if not isinstance(data, dict):
+        raise NNSAMError(f"bundle {folder.name}: {name} is not a JSON object; the bundle is damaged")
+    return data
+
+
+def check_consistency(name: str, manifest: dict, plans: dict, dataset_json: dict, weights: dict) -> None:
+    """The manifest, nnU-Net's plans and dataset.json and the network weights describe one model: the same
+    classes, a plan for the configuration, an output layer with one channel per class plus background."""
+    configuration = manifest["configuration"]
+    if configuration not in (plans.get("configurations") or {}):
+        raise NNSAMError(f"bundle {name}: plans.json has no '{configuration}' configuration; the bundle is "
+                         "inconsistent, export it again from its author")
+    labels = dataset_json.get("labels")
+    if not isinstance(labels, dict):
+        raise NNSAMError(f"bundle {name}: dataset.json has no labels; the bundle is damaged")
+    try:
+        listed = {int(v) for k, v in labels.items() if k != "background"}
+    except (TypeError, ValueError):
+        raise NNSAMError(f"bundle {name}: dataset.json has labels that are not plain values (regions are not "
+                         "supported)") from None
+    declared = {c["value"] for c in manifest["classes"]}
+    if listed != declared:
+        raise NNSAMError(f"bundle {name}: nnsam.json lists classes {sorted(declared)} but dataset.json "
+                         f"{sorted(listed)}; the bundle is inconsistent, export it again from its author")
+    heads = sorted((k for k in weights if k.startswith("decoder.seg_layers.") and k.endswith(".weight")),
+                   key=lambda k: int(k.split(".")[2]) if k.split(".")[2].isdigit() else -1)
+    if heads and int(weights[heads[-1]].shape[0]) != len(declared) + 1:
+        raise NNSAMError(f"bundle {name}: the network predicts {int(weights[heads[-1]].shape[0]) - 1} classes but "
+                         f"nnsam.json lists {len(declared)}; the bundle is inconsistent")

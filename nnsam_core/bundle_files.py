@@ -14,6 +14,7 @@ import torch
 
 from .bundle import FORMAT_VERSION, MANIFEST, MODEL_FILE, PAYLOAD_FILES, Bundle
 from .errors import NNSAMError
+from .outputs import bundle_output_state, check_bundle_output, check_file_output
 from .weights import sha256_of
 from .zipsafe import safe_extract_zip
 
@@ -52,11 +53,12 @@ def default_mode(is_dir: bool) -> int:
 
 def _replace_dir(new: Path, target: Path) -> None:
     os.chmod(new, default_mode(True))
-    if target.is_symlink() or target.is_file():
-        raise NNSAMError(f"{target} exists and is not a bundle folder; choose another output path")
-    if target.exists():
-        if not (target / MANIFEST).is_file():
-            raise NNSAMError(f"{target} exists and is not an nnSAM bundle; choose another output path")
+    state = bundle_output_state(target)
+    if state not in ("new", "bundle", "empty folder"):  # checked before any work; this guards a race since
+        raise NNSAMError(f"{target} is now an existing {state}, not a bundle folder; nothing was replaced")
+    if state == "empty folder":
+        target.rmdir()
+    if state == "bundle":
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
         os.replace(new, target)
@@ -65,10 +67,9 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.replace(new, target)
 
 
-def export_zip(bundle_dir: os.PathLike, zip_path: os.PathLike) -> Path:
+def export_zip(bundle_dir: os.PathLike, zip_path: os.PathLike, overwrite: bool = False) -> Path:
+    zip_path = check_file_output(zip_path, [bundle_dir], overwrite, suffixes=(".zip",), option="export to")
     bundle = Bundle.load(bundle_dir)  # never export something that would not load
-    zip_path = Path(zip_path)
-    zip_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{zip_path.name}.", suffix=".partial", dir=zip_path.parent)
     os.close(fd)
     try:
@@ -83,12 +84,13 @@ def export_zip(bundle_dir: os.PathLike, zip_path: os.PathLike) -> Path:
     return zip_path
 
 
-def import_zip(zip_path: os.PathLike, target: os.PathLike) -> Path:
+def import_zip(zip_path: os.PathLike, target: os.PathLike, overwrite: bool = False) -> Path:
     """Unpack a .zip bundle safely, check it, and place it at ``target``."""
-    zip_path, target = Path(zip_path), Path(target)
+    zip_path = Path(zip_path)
     if not zip_path.is_file():
         raise NNSAMError(f"{zip_path} does not exist; give a .zip bundle")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = check_bundle_output(target, [zip_path], overwrite, option="import to")
+    Bundle.load(zip_path)  # unpacked and checked in the system's temporary folder: nothing beside target yet
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         folder = safe_extract_zip(zip_path, tmp, MANIFEST)
@@ -102,13 +104,19 @@ def import_zip(zip_path: os.PathLike, target: os.PathLike) -> Path:
 
 @contextmanager
 def exclusive_output(target: os.PathLike):
-    """Refuse a second writer of the same output path (two trainings to one bundle) instead of interleaving."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock = target.with_name(f".{target.name}.lock")
-    import fcntl  # noqa: E402 (POSIX; imported where used)
+    """Refuse a second writer of the same output path (two trainings to one bundle) instead of interleaving. The
+    lock file lives in nnsam's cache folder, named after the output's absolute path, so nothing is left beside
+    the user's files; it stays there (unlinking it would let a third writer lock a fresh inode beside a live one)."""
+    import fcntl
+    import hashlib
 
-    handle = open(lock, "a+")
+    from .weights import cache_dir
+
+    target = Path(target)
+    locks = cache_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(str(target.absolute()).encode()).hexdigest()[:32]
+    handle = open(locks / f"{key}.lock", "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -118,5 +126,4 @@ def exclusive_output(target: os.PathLike):
     try:
         yield
     finally:
-        # The lock file stays: unlinking it would let a third writer lock a fresh inode beside a live one.
         handle.close()

@@ -46,10 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", help=argparse.SUPPRESS)  # the earlier spelling of DATASET_DIR alone
     train.add_argument("--slices", help="annotated slice indices, e.g. 12,40,77 (default: every slice with a label)")
     train.add_argument("--class-names", help="names of label values 1..N, e.g. LV,RV,LA,RA,Myo")
-    train.add_argument("--encoder", choices=ENCODER_NAMES, default=ENCODER_NAMES[0],
+    train.add_argument("--encoder", choices=ENCODER_NAMES,
                        help="frozen SAM encoder: litemedsam (default, shipped, medical images) or mobilesam (the "
                        "paper's; weights: nnsam weights download mobilesam)")
-    train.add_argument("--method", choices=USER_METHODS, default="nnsam", help=METHOD_HELP)
+    train.add_argument("--method", choices=USER_METHODS, help=METHOD_HELP)
+    train.add_argument("--start-from", metavar="BUNDLE",
+                       help="adapt this saved model to the new scan (its classes, encoder and method; a short "
+                       "schedule) instead of training from scratch; it is only read")
     train.add_argument("--preset", choices=("quick", "full"), default="quick",
                        help="quick: 1000 iterations; full: nnU-Net's 1000 epochs x 250 iterations")
     train.add_argument("--iterations", type=int, help="override the preset's number of training iterations "
@@ -63,10 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                        f"{DEFAULT_RECOMPUTE_SHARE:g}; 0: the cache alone, the fastest)")
     train.add_argument("--modality", default="CT", help="nnU-Net channel name deciding normalisation (CT, MR, ...)")
     _add_device(train)
-    train.add_argument("--seed", type=int, default=0, help="random seed of the training run (default 0)")
     train.add_argument("--resume", action="store_true", help="continue a stopped training of the same bundle")
-    train.add_argument("--checkpoint-every", type=int, metavar="N",
-                       help="write a resumable checkpoint every N iterations (default: every tenth of the run)")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing bundle at -o")
     _add_progress(train)
     train.set_defaults(func=_train)
 
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("bundle", help="bundle folder or .zip")
     predict.add_argument("image", help="image file or DICOM folder")
     predict.add_argument("-o", "--output", required=True, help="label map to write (.nii.gz, .nrrd, ...)")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing file at -o")
     predict.add_argument("--no-mirroring", action="store_true",
                          help="skip test-time mirroring: about 4x less network time (CPU), slightly less accurate")
     _add_device(predict)
@@ -106,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp = bverbs.add_parser("export", help="export a bundle folder as a .zip")
     exp.add_argument("bundle")
     exp.add_argument("zip")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing .zip")
     exp.set_defaults(func=_bundle_export)
     bimp = bverbs.add_parser("import", help="check and unpack a .zip bundle into a folder")
     bimp.add_argument("zip")
     bimp.add_argument("output")
+    bimp.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     bimp.set_defaults(func=_bundle_import)
 
     add_evaluate_parser(verbs)
@@ -145,18 +149,31 @@ def _train(args) -> int:
             raise NNSAMError("--recompute-share applies to nnSAM's embeddings; method nnunet has none")
         from dataclasses import replace
 
-        from .config import NNSAMConfig
-        from .methods import TRAINER_CATALOGUE, trainer_name_for
-        base = NNSAMConfig(**TRAINER_CATALOGUE[trainer_name_for(args.method, args.encoder)].config)
+        base = _base_config(args)
         # the trainer's own settings stay None, so a resumed run keeps what it started with
         config = None if base.recompute_share == args.recompute_share else replace(base,
                                                                                     recompute_share=args.recompute_share)
     fine_tune(args.image, args.labels, output=args.output, nnsam_config=config, slices=slices, class_names=names,
               dataset_dir=args.dataset, encoder=args.encoder, method=args.method, preset=args.preset,
-              iterations=args.iterations, device=args.device, seed=args.seed, modality=args.modality,
-              resume=args.resume, checkpoint_every=args.checkpoint_every,
-              max_size=args.max_size, progress=_reporter(args))
+              iterations=args.iterations, device=args.device, modality=args.modality, resume=args.resume,
+              overwrite=args.overwrite, start_from=args.start_from, max_size=args.max_size,
+              progress=_reporter(args))
     return 0
+
+
+def _base_config(args):
+    """The SAM settings a --recompute-share modifies: the saved model's when adapting one, else the method's."""
+    from .config import NNSAMConfig
+    from .methods import TRAINER_CATALOGUE, trainer_name_for
+
+    if args.start_from:
+        from .bundle import Bundle
+        config = Bundle.load(args.start_from).nnsam_config
+        if config is None:
+            raise NNSAMError("--recompute-share applies to nnSAM's embeddings; the --start-from model has none")
+        return config
+    return NNSAMConfig(**TRAINER_CATALOGUE[trainer_name_for(args.method or "nnsam", args.encoder or
+                                                           ENCODER_NAMES[0])].config)
 
 
 def _predict(args) -> int:
@@ -165,11 +182,14 @@ def _predict(args) -> int:
     from .predict import Segmenter, write_image_atomically
     from .progress import make_event
 
+    from .outputs import check_file_output
+
     report = _reporter(args)
+    output = check_file_output(args.output, [args.image, args.bundle], args.overwrite)
     bundle = Bundle.load(args.bundle)
     image = read_image(args.image)
     labels = Segmenter(bundle, args.device, use_mirroring=not args.no_mirroring).segment(image, report)
-    write_image_atomically(labels, args.output)
+    write_image_atomically(labels, output)
     report(make_event("done", 1, 1, message=f"label map written to {args.output}"))
     return 0
 
@@ -212,13 +232,13 @@ def _bundle_info(args) -> int:
 
 def _bundle_export(args) -> int:
     from .bundle_files import export_zip
-    print(f"exported {export_zip(args.bundle, args.zip)}")
+    print(f"exported {export_zip(args.bundle, args.zip, args.overwrite)}")
     return 0
 
 
 def _bundle_import(args) -> int:
     from .bundle_files import import_zip
-    print(f"imported {import_zip(args.zip, args.output)}")
+    print(f"imported {import_zip(args.zip, args.output, args.overwrite)}")
     return 0
 
 
@@ -242,9 +262,10 @@ def run_verb(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = No
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning)  # third-party deprecation chatter, not for users
     interruptible()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_joined_negative_values(sys.argv[1:] if argv is None else list(argv)))
     json_mode = getattr(args, "progress", None) == "json"
     try:
+        watch_stop_file()  # inside: a stop that comes at once is still one line, not a traceback
         return int(args.func(args) or 0)
     except NNSAMError as exc:
         return _fail(str(exc), exc.exit_code, json_mode)
@@ -263,6 +284,41 @@ def run_verb(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = No
         message = " ".join(str(exc).split())[:300]
         return _fail(f"internal error ({exc.__class__.__name__}: {message}); run again with NNSAM_DEBUG=1 and "
                      "report the traceback", 1, json_mode)
+
+
+STOP_FILE_VARIABLE = "NNSAM_STOP_FILE"
+STOP_FILE_POLL_S = 0.5
+
+
+def watch_stop_file() -> None:
+    """Stop as on Ctrl-C when the file named by $NNSAM_STOP_FILE appears. Slicer starts the engine through a
+    launcher that forwards no signals, so its Stop button creates this file instead; the usual interrupt clean-up
+    then runs (partial outputs removed, checkpoints kept for --resume). The file is left for its creator."""
+    import _thread
+    import threading
+    import time
+
+    path = os.environ.get(STOP_FILE_VARIABLE)
+    if not path:
+        return
+
+    def watch() -> None:
+        while not os.path.exists(path):
+            time.sleep(STOP_FILE_POLL_S)
+        _thread.interrupt_main()
+
+    threading.Thread(target=watch, name="nnsam-stop-file", daemon=True).start()
+
+
+def _joined_negative_values(argv: list) -> list:
+    """``--slices -1,4`` reaches the slice check (which names the mistake) instead of argparse taking "-1,4"
+    for an option."""
+    argv = [str(a) for a in argv]
+    for i in range(len(argv) - 1):
+        if argv[i] == "--slices" and argv[i + 1].startswith("-"):
+            argv[i:i + 2] = [f"--slices={argv[i + 1]}"]
+            break
+    return argv
 
 
 def _fail(message: str, code: int, json_mode: bool) -> int:

@@ -9,69 +9,35 @@ import random
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from . import __version__
 from .bundle import Bundle
 from .bundle_files import exclusive_output, write_bundle
-from .config import NNSAM_CONFIG_FILE, NNSAMConfig
+from .config import NNSAMConfig
 from .devices import resolve_device
 from .errors import NNSAMError
-from .images import annotated_slices, as_volume, check_image, parse_slices, read_image, read_labels
+from .cases import ImageLike, cases_from_nnunet_dataset, cases_from_sparse_slices, constant_image_warning
+from .adapt import ADAPT_ITERATIONS, adapted_class_names, load_parent
+from .outputs import check_bundle_output
 from .progress import ProgressCallback, make_event, silent
+from .resume import check_same_inputs, config_as_started, fingerprint, record_inputs
 from .training.registry import config_of_trainer, trainer_for
-from .workspace import (CONFIGURATION, FOLD, TrainingCase, Workspace, nnunet_output_to_stderr, plan_and_preprocess,
-                        read_raw_dataset, scoped_environ, slice_case, write_raw_dataset)
+from .workspace import (CONFIGURATION, FOLD, Workspace, nnunet_output_to_stderr, plan_and_preprocess,
+                        preprocess_with_plans, scoped_environ, write_raw_dataset)
 
-# quick: 1000 iterations (40 epochs x 25). On a GPU with the planned batch (12 for 512x512, ~57 ms a step) that is
-# about a minute; on a CPU the batch is capped at CPU_BATCH_SIZE. 250 iterations were measured to be too few:
-# nnU-Net then predicts only the largest structure even on its own training slices (docs/benchmarks).
+# quick: 1000 iterations (40 epochs x 25): about a minute on a GPU with the planned batch; on a CPU the batch is
+# capped at CPU_BATCH_SIZE. Fewer iterations left nnU-Net predicting only the largest structure even on its own
+# training slices (docs/results.md).
 PRESETS = {"quick": 1000, "full": 250_000}
 CPU_BATCH_SIZE = 2
 # On a CPU the quick preset trains at most 192 pixels across (nnU-Net resamples; results come back at full
-# resolution). A 2-core step costs about 5.5 s at 512x512 and grows with the pixel count, so 1000 steps at 512
-# take 1.5 h; at 192 they fit the 20-minute budget of issue 5 (docs/speed/cpu.md).
+# resolution): a CPU step grows with the pixel count, and at 512x512 the quick preset would take hours on a laptop
+# (docs/results.md, Speed).
 CPU_QUICK_MAX_SIZE = 192
-ImageLike = Union[str, os.PathLike, sitk.Image]
-
-
-def _as_image(value: ImageLike, what: str) -> sitk.Image:
-    image = value if isinstance(value, sitk.Image) else read_image(value, what)
-    check_image(image, what)
-    return as_volume(image)
-
-
-def cases_from_sparse_slices(image: ImageLike, labels: ImageLike, slices: Optional[Sequence[int]] = None,
-                             class_names: Optional[Sequence[str]] = None) -> tuple[list[TrainingCase], list[str], list[int]]:
-    """One training case per annotated axial slice; slices not annotated are never training data."""
-    image = _as_image(image, "image")
-    parsed = read_labels(labels, image, class_names)
-    n_slices = image.GetSize()[2]
-    chosen = parse_slices(",".join(map(str, slices)), n_slices) if slices is not None else annotated_slices(parsed.image)
-    if not chosen:
-        raise NNSAMError("the label map has no annotated slice; label at least one slice (or pass --slices)")
-    cases = [slice_case(image, parsed.image, k, f"slice_{k:04d}") for k in chosen]
-    return cases, parsed.class_names, chosen
-
-
-def cases_from_nnunet_dataset(dataset_dir: os.PathLike) -> tuple[list[TrainingCase], list[str], dict]:
-    """Every case of an nnU-Net raw dataset: 2D slices as they are, volumes cut into their labelled slices
-    (a slice without any label counts as unannotated, not as background)."""
-    raw = read_raw_dataset(dataset_dir)
-    cases = []
-    for label_file in raw.label_files:
-        name = raw.case_name(label_file)
-        image = _as_image(raw.image_file(name), f"image of case {name}")
-        parsed = read_labels(label_file, image, raw.class_names)
-        if image.GetSize()[2] == 1:
-            cases.append(TrainingCase(name, image, parsed.image))
-        else:
-            cases.extend(slice_case(image, parsed.image, k, f"{name}_z{k:03d}") for k in annotated_slices(parsed.image))
-    return cases, raw.class_names, raw.dataset_json["channel_names"]
 
 
 def seed_everything(seed: int) -> None:
@@ -85,75 +51,112 @@ def _work_dir_for(output: Path) -> Path:
     return output.with_name(f".{output.name}.nnsam-work")
 
 
+CHECKPOINT_SECONDS = 60.0  # a stopped fine-tune loses about this much training
+
+
 def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = None, *, output: os.PathLike,
               slices: Optional[Sequence[int]] = None, class_names: Optional[Sequence[str]] = None,
-              dataset_dir: Optional[os.PathLike] = None, encoder: str = "litemedsam", method: str = "nnsam",
-              preset: str = "quick", iterations: Optional[int] = None, device: str = "auto", seed: int = 0,
-              modality: str = "CT", resume: bool = False, checkpoint_every: Optional[int] = None,
-              keep_work_dir: bool = False, max_size: Optional[int] = None,
+              dataset_dir: Optional[os.PathLike] = None, encoder: Optional[str] = None,
+              method: Optional[str] = None, preset: str = "quick", iterations: Optional[int] = None,
+              device: str = "auto", seed: int = 0, modality: str = "CT", resume: bool = False,
+              overwrite: bool = False, start_from: Optional[os.PathLike] = None,
+              checkpoint_every: Optional[int] = None, keep_work_dir: bool = False, max_size: Optional[int] = None,
               progress: ProgressCallback = silent, nnsam_config: Optional[NNSAMConfig] = None) -> Bundle:
     """Fine-tune on annotated slices (``image`` + ``labels``) or an nnU-Net raw dataset (``dataset_dir``) and
     write a bundle to ``output``. Returns the loaded bundle.
 
+    Everything is checked before any work: the output (never an input, never a file or folder the user had unless
+    ``overwrite`` and it holds only a bundle), the inputs, and on ``resume`` that they match the stopped training.
+    ``start_from``: a saved model to adapt (its plans, weights, method, encoder and SAM settings; a short schedule
+    of ADAPT_ITERATIONS unless ``iterations`` says otherwise). ``encoder`` and ``method`` default to the saved
+    model's, else litemedsam and nnsam.
     ``max_size``: largest in-plane size (pixels) nnU-Net trains at; None = the default (CPU_QUICK_MAX_SIZE for
     the quick preset on a CPU, otherwise the native resolution), 0 = always the native resolution.
-    ``nnsam_config``: the SAM branch's settings (default: the method's trainer's own); the trainer records them."""
-    output = Path(output)
+    ``nnsam_config``: the SAM branch's settings (default: the method's trainer's own); the trainer records them.
+    ``checkpoint_every``: a resumable checkpoint every that many iterations (default: about every minute)."""
     if preset not in PRESETS:
         raise NNSAMError(f"unknown preset '{preset}'; choose quick or full")
     if iterations is not None and iterations < 1:
         raise NNSAMError("--iterations must be at least 1")
     if checkpoint_every is not None and checkpoint_every < 1:
-        raise NNSAMError("--checkpoint-every must be at least 1 iteration")
+        raise NNSAMError("checkpoint_every must be at least 1 iteration")
     if max_size is not None and (max_size < 0 or 0 < max_size < 32):
         raise NNSAMError("--max-size must be 0 (native resolution) or at least 32 pixels")
+    if dataset_dir is None and (image is None or labels is None):
+        raise NNSAMError("give an image and a label map, or an nnU-Net raw dataset folder")
+    inputs = [p for p in (image, labels, dataset_dir, start_from) if isinstance(p, (str, os.PathLike))]
+    output = check_bundle_output(output, inputs, overwrite)
+    parent = None
+    if start_from is not None and max_size is not None:
+        raise NNSAMError("--start-from keeps the saved model's working resolution; leave out --max-size")
+    if start_from is not None:
+        parent = load_parent(start_from, method or _parent_method(start_from),
+                             encoder or _parent_encoder(start_from))
+        method, encoder = parent.bundle.method, (parent.config.encoder if parent.config else encoder)
+        if nnsam_config is None and parent.config is not None:
+            nnsam_config = parent.config
+    method, encoder = method or "nnsam", encoder or "litemedsam"
     trainer_class = trainer_for(method, encoder)
     config = nnsam_config if nnsam_config is not None else config_of_trainer(trainer_class)
     if method == "nnunet" and nnsam_config is not None:
         raise NNSAMError("method nnunet has no SAM branch; give no nnSAM settings with it")
     torch_device = resolve_device(device)
-    max_size = working_max_size(max_size, preset, torch_device)
+    max_size = None if parent else working_max_size(max_size, preset, torch_device)
     if config is not None and config.encoder == "mobilesam" and config.pretrained:
         from .weights import require_mobilesam
         require_mobilesam()  # fail now, before minutes of preprocessing
 
-    with exclusive_output(output):
-        progress(make_event("prepare", message="reading and checking the input"))
-        if dataset_dir is not None:
-            cases, names, channel_names = cases_from_nnunet_dataset(dataset_dir)
-            trained_slices = [c.name for c in cases]
-        else:
-            if image is None or labels is None:
-                raise NNSAMError("give an image and a label map, or --dataset with an nnU-Net raw dataset")
-            cases, names, trained_slices = cases_from_sparse_slices(image, labels, slices, class_names)
-            channel_names = {"0": modality}
+    progress(make_event("prepare", message="reading and checking the input"))
+    if dataset_dir is not None:
+        cases, names, channel_names = cases_from_nnunet_dataset(dataset_dir)
+        trained_slices = [c.name for c in cases]
+    else:
+        cases, names, trained_slices = cases_from_sparse_slices(image, labels, slices, class_names)
+        channel_names = {"0": modality}
+        if all(constant_image_warning(c.image) for c in cases):
+            progress(make_event("warning", message=constant_image_warning(cases[0].image)))
+    if parent is not None:
+        names = adapted_class_names(parent, names)
+        channel_names = parent.bundle.dataset_json.get("channel_names", channel_names)
+    total = iterations or (ADAPT_ITERATIONS if parent else PRESETS[preset])
+    record = fingerprint(cases, {"classes": names, "slices": trained_slices, "channels": channel_names,
+                                 "trainer": trainer_class.__name__, "iterations": total, "max_size": max_size,
+                                 "seed": seed, "start_from": parent.record()["id"] if parent else None})
 
+    with exclusive_output(output):
         workspace = Workspace(_work_dir_for(output))
-        trainer_name = trainer_class.__name__
-        checkpoint = workspace.output_folder(trainer_name) / "checkpoint_latest.pth"
+        checkpoint = workspace.output_folder(trainer_class.__name__) / "checkpoint_latest.pth"
         resuming = resume and checkpoint.is_file()
         if resuming:
-            config = _config_as_started(config, checkpoint.parent, nnsam_config)
-        if not resuming and workspace.root.exists():
-            shutil.rmtree(workspace.root)
-        if not resuming:
+            check_same_inputs(workspace.root, record)
+            config = config_as_started(config, checkpoint.parent, nnsam_config)
+            progress(make_event("prepare", message=f"resuming from {checkpoint.name}"))
+        else:
+            if workspace.root.exists():
+                shutil.rmtree(workspace.root)
             write_raw_dataset(workspace, cases, names, channel_names)
-            progress(make_event("plan", message=f"planning nnU-Net on {len(cases)} annotated slices"))
-            plans = plan_and_preprocess(workspace, max_size=max_size)
+            record_inputs(workspace.root, record)
+            if parent is not None:
+                progress(make_event("plan", message=f"preparing {len(cases)} annotated slices as {parent.path.name}"
+                                    " was trained"))
+                plans = preprocess_with_plans(workspace, parent.bundle.plans)
+            else:
+                progress(make_event("plan", message=f"planning nnU-Net on {len(cases)} annotated slices"))
+                plans = plan_and_preprocess(workspace, max_size=max_size)
             if torch_device.type == "cpu":
                 cap_batch_size(workspace, plans, CPU_BATCH_SIZE)
-        else:
-            progress(make_event("prepare", message=f"resuming from {checkpoint.name}"))
 
-        total = iterations or PRESETS[preset]
         seed_everything(seed)
         trainer = _run_trainer(workspace, trainer_class, config, torch_device, total, progress,
                                checkpoint if resuming else None, checkpoint_every,
-                               progress_plot="end" if keep_work_dir else "never")
+                               progress_plot="end" if keep_work_dir else "never",
+                               initial_weights=parent.bundle.network_weights if parent and not resuming else None)
 
         progress(make_event("save", message=f"writing bundle {output}"))
         manifest = _manifest(trainer, names, preset, seed, torch_device, trained_slices,
                              image if isinstance(image, (str, os.PathLike)) else None, dataset_dir, max_size)
+        if parent is not None:
+            manifest["training"]["start_from"] = parent.record()
         network = trainer._network_module() if hasattr(trainer, "_network_module") else trainer.network
         write_bundle(output, manifest, trainer.plans_manager.plans, trainer.dataset_json, network.state_dict(),
                      trainer.inference_allowed_mirroring_axes)
@@ -164,26 +167,21 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
     return bundle
 
 
-def _config_as_started(config: Optional[NNSAMConfig], fold_dir: Path, requested: Optional[NNSAMConfig]):
-    """A resumed run keeps the SAM branch it started with, recorded beside its checkpoint, even if a default has
-    changed since; a different one asked for explicitly is refused rather than mixed into one model."""
-    recorded_file = fold_dir / NNSAM_CONFIG_FILE
-    if config is None or not recorded_file.is_file():
-        return config
+def _parent_method(path) -> str:
+    return _peek_manifest(path).get("method") or "nnsam"
+
+
+def _parent_encoder(path) -> str:
+    return ((_peek_manifest(path).get("nnsam_config") or {}).get("encoder")) or "litemedsam"
+
+
+def _peek_manifest(path) -> dict:
+    """The saved model's nnsam.json, read without checks (load_parent checks the whole bundle right after)."""
     try:
-        recorded = NNSAMConfig.from_dict(json.loads(recorded_file.read_text()))
-    except (ValueError, TypeError):
-        return config  # unreadable: nothing to keep; the run goes on with the settings given now
-    if requested is not None and requested != recorded:
-        raise NNSAMError(f"the stopped training was started with other nnSAM settings "
-                         f"({_config_difference(recorded, requested)}); resume it without them, or train afresh "
-                         "without --resume")
-    return recorded
-
-
-def _config_difference(recorded, requested) -> str:
-    before, now = recorded.as_dict(), requested.as_dict()
-    return ", ".join(f"{k} {before[k]} then, {now[k]} now" for k in before if before[k] != now[k])
+        data = json.loads((Path(path) / "nnsam.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def working_max_size(requested: Optional[int], preset: str, device: torch.device) -> Optional[int]:
@@ -202,9 +200,8 @@ def cap_batch_size(workspace: Workspace, plans: dict, batch_size: int) -> None:
 
 
 def _run_trainer(workspace: Workspace, trainer_class, config: Optional[NNSAMConfig], device: torch.device,
-                 total_iterations: int,
-                 progress: ProgressCallback, resume_checkpoint: Optional[Path], checkpoint_every: Optional[int],
-                 progress_plot: str):
+                 total_iterations: int, progress: ProgressCallback, resume_checkpoint: Optional[Path],
+                 checkpoint_every: Optional[int], progress_plot: str, initial_weights: Optional[dict] = None):
     plans = json.loads((workspace.preprocessed_dataset / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((workspace.preprocessed_dataset / "dataset.json").read_text())
     plans["continue_training"] = resume_checkpoint is not None  # nnU-Net's run_training sets this key
@@ -216,10 +213,16 @@ def _run_trainer(workspace: Workspace, trainer_class, config: Optional[NNSAMConf
         if config is not None:
             trainer.nnsam_config = config  # before initialisation: the network is built with it
         trainer.set_schedule(total_iterations, checkpoint_every)
+        trainer.checkpoint_seconds = None if checkpoint_every else CHECKPOINT_SECONDS
+        trainer.initial_weights = initial_weights
         trainer.progress_callback = progress
         trainer.progress_plot = progress_plot
         if resume_checkpoint is not None:
-            trainer.load_checkpoint(str(resume_checkpoint))
+            try:
+                trainer.load_checkpoint(str(resume_checkpoint))
+            except Exception as exc:  # a truncated or foreign file: torch raises several types
+                raise NNSAMError(f"the stopped training's checkpoint {resume_checkpoint.name} is damaged "
+                                 f"({exc.__class__.__name__}); train again without --resume") from None
         trainer.run_training()
     return trainer
 

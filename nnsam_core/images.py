@@ -15,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import NNSAMError
+from .filecheck import check_complete
 
 MIN_SIDE = 16
 GEOMETRY_TOLERANCE = 1e-4
@@ -33,6 +34,10 @@ def read_image(path: os.PathLike, what: str = "image") -> sitk.Image:
     path = Path(path)
     if not path.exists():
         raise NNSAMError(f"{what} {path} does not exist; check the path")
+    if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
+        raise NNSAMError(f"cannot read {what} {path} (permission denied); check its permissions")
+    if path.is_file():
+        check_complete(path, what)
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
@@ -45,6 +50,8 @@ def read_image(path: os.PathLike, what: str = "image") -> sitk.Image:
     except NNSAMError:
         raise
     except RuntimeError as exc:
+        if "permission denied" in str(exc).lower():
+            raise NNSAMError(f"cannot read {what} {path} (permission denied); check its permissions") from None
         raise NNSAMError(f"{what} {path} could not be read as an image ({_first_line(exc)}); "
                          "give a NIfTI, NRRD, MHA or DICOM file") from None
 
@@ -78,15 +85,23 @@ def as_volume(image: sitk.Image) -> sitk.Image:
     return sitk.JoinSeries([image])
 
 
-def same_geometry(a: sitk.Image, b: sitk.Image) -> Optional[str]:
-    """None if ``a`` and ``b`` share size, spacing, origin and direction, else what differs."""
-    if a.GetSize() != b.GetSize():
-        return f"size {b.GetSize()} vs {a.GetSize()}"
-    for what, x, y in (("spacing", a.GetSpacing(), b.GetSpacing()), ("origin", a.GetOrigin(), b.GetOrigin()),
-                       ("direction", a.GetDirection(), b.GetDirection())):
+def plain_numbers(values: Sequence[float], digits: int = 4) -> str:
+    """(1, 0.5, 2.25): numbers as a person writes them, whatever their numpy type."""
+    return "(" + ", ".join(f"{float(v):.{digits}g}" for v in values) + ")"
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, spatial_only: bool = False) -> Optional[str]:
+    """None if ``a`` and ``b`` share size, spacing, origin and direction, else what differs (``b``'s, then
+    ``a``'s). ``spatial_only``: spacing and direction only."""
+    if not spatial_only and a.GetSize() != b.GetSize():
+        return f"size {plain_numbers(b.GetSize())} against the image's {plain_numbers(a.GetSize())}"
+    checks = [("spacing", a.GetSpacing(), b.GetSpacing()), ("direction", a.GetDirection(), b.GetDirection())]
+    if not spatial_only:
+        checks.insert(1, ("origin", a.GetOrigin(), b.GetOrigin()))
+    for what, x, y in checks:
         scale = max(1.0, *np.abs(x))
         if not np.allclose(x, y, atol=GEOMETRY_TOLERANCE * scale):
-            return f"{what} {tuple(np.round(y, 4))} vs {tuple(np.round(x, 4))}"
+            return f"{what} {plain_numbers(y, 3)} against the image's {plain_numbers(x, 3)}"
     return None
 
 
@@ -119,6 +134,11 @@ def read_labels(source: Union[os.PathLike, str, sitk.Image], image: sitk.Image,
         raise NNSAMError(f"{what} has negative values; labels must be 0 (background) or 1..N")
     names = list(class_names) if class_names else labels.class_names
     max_value = int(values.max())
+    present = [int(v) for v in values if v > 0]
+    if not names and max_value > len(present):
+        wanted = ", ".join(f"{v} to {i}" for i, v in enumerate(present, start=1) if v != i)
+        raise NNSAMError(f"{what} has the values {', '.join(str(int(v)) for v in values)} but classes must be "
+                         f"numbered 1..N without gaps; remap {wanted}, or name the classes with --class-names")
     if names:
         if max_value > len(names):
             raise NNSAMError(f"{what} uses value {max_value} but only {len(names)} classes are named "
@@ -154,9 +174,8 @@ def _read_seg_nrrd(path: Path, image: sitk.Image) -> Labels:
     seg_image.SetOrigin(tuple(ijk_to_lps[:3, 3]))
     seg_image.SetDirection(tuple((ijk_to_lps[:3, :3] / spacing).flatten()))
     if same_geometry(image, seg_image):
-        # Slicer crops segmentations to their extent: place it on the image grid (nearest neighbour).
-        seg_image = sitk.Resample(seg_image, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                                  seg_image.GetPixelID())
+        # Slicer crops segmentations to their extent: place it on the image grid, which it must share.
+        seg_image = _place_on_image_grid(seg_image, image, path)
     return Labels(seg_image, [str(s.get("name") or f"segment_{i}") for i, s in enumerate(segments, start=1)])
 
 
@@ -174,8 +193,34 @@ def parse_slices(text: str, n_slices: Optional[int] = None) -> list[int]:
         raise NNSAMError(f"--slices '{text}' is not a comma-separated list of slice indices, e.g. 12,40,77") from None
     if not slices:
         raise NNSAMError("--slices is empty; give the annotated slice indices, e.g. 12,40,77")
-    limit = n_slices if n_slices is not None else float("inf")
-    outside = [s for s in slices if s < 0 or s >= limit]
-    if outside:
-        raise NNSAMError(f"--slices {outside} are outside the volume's {n_slices} slices (0..{n_slices - 1})")
+    negative = [s for s in slices if s < 0]
+    if negative:
+        raise NNSAMError(f"--slices {','.join(map(str, negative))}: slice indices count from 0; give 0 or more")
+    if n_slices is not None and slices[-1] >= n_slices:
+        outside = [s for s in slices if s >= n_slices]
+        raise NNSAMError(f"--slices {','.join(map(str, outside))} outside the volume's {n_slices} slices "
+                         f"(0..{n_slices - 1})")
     return slices
+
+
+def _place_on_image_grid(seg_image: sitk.Image, image: sitk.Image, path: Path) -> sitk.Image:
+    """A cropped segmentation shares the image's spacing and direction and starts on one of its voxels; anything
+    else was drawn on another volume and is refused rather than resampled into nothing."""
+    mismatch = same_geometry(image, seg_image, spatial_only=True)
+    start = np.asarray(image.TransformPhysicalPointToContinuousIndex(seg_image.GetOrigin()))
+    if mismatch is None and not np.allclose(start, np.round(start), atol=0.01):
+        mismatch = f"origin {plain_numbers(seg_image.GetOrigin(), 4)} off the image's voxel grid"
+    if mismatch is None:
+        array = sitk.GetArrayViewFromImage(seg_image)
+        begin = np.round(start).astype(int)
+        end = begin + np.asarray(seg_image.GetSize())
+        size = np.asarray(image.GetSize())
+        lo, hi = np.maximum(begin, 0), np.minimum(end, size)
+        inside = (slice(lo[2] - begin[2], hi[2] - begin[2]), slice(lo[1] - begin[1], hi[1] - begin[1]),
+                  slice(lo[0] - begin[0], hi[0] - begin[0]))
+        if np.any(hi <= lo) or int(np.count_nonzero(array[inside])) != int(np.count_nonzero(array)):
+            mismatch = "segments painted outside the image"
+    if mismatch:
+        raise NNSAMError(f"{path.name} was not drawn on this image ({mismatch}); load the segmentation made on "
+                         "this volume")
+    return sitk.Resample(seg_image, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, seg_image.GetPixelID())

@@ -176,6 +176,25 @@ def plan_and_preprocess(workspace: Workspace, max_size: Optional[int] = None) ->
     return json.loads((workspace.preprocessed_dataset / f"{PLANS}.json").read_text())
 
 
+def preprocess_with_plans(workspace: Workspace, plans: dict) -> dict:
+    """Preprocess with given plans (a parent model's, when adapting it) instead of planning anew: the network keeps
+    the parent's shape and the new scan is resampled and normalised as the parent's training scans were."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
+
+    plans = dict(plans, dataset_name=DATASET_NAME, plans_name=PLANS)
+    with workspace.activated(), nnunet_output_to_stderr(), nnunet_pools_in_process():
+        extract_fingerprint_dataset(DATASET_ID, few_case_fingerprint_extractor(), num_processes=1,
+                                    check_dataset_integrity=False, clean=True, verbose=False, show_progress_bar=False)
+        workspace.preprocessed_dataset.mkdir(parents=True, exist_ok=True)
+        (workspace.preprocessed_dataset / f"{PLANS}.json").write_text(json.dumps(plans, indent=2))
+        # what nnU-Net's planner would have copied beside its plans
+        (workspace.preprocessed_dataset / "dataset.json").write_text(
+            (workspace.raw_dataset / "dataset.json").read_text())
+        preprocess_dataset(DATASET_ID, PLANS, configurations=(CONFIGURATION,), num_processes=[1],
+                           verbose=False, show_progress_bar=False)
+    return plans
+
+
 # nnU-Net estimates the foreground intensity statistics (CT normalisation) from 10^8 values drawn with replacement,
 # split evenly over the cases. Four one-slice cases then get 25 million draws each from at most 262,144 pixels:
 # 4 of the 5 s of planning on a 2-core CPU, for statistics that a million draws per case give just as well (4 CHD

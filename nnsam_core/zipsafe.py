@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +15,20 @@ MAX_ZIP_MEMBERS = 64
 
 
 def safe_extract_zip(zip_path: Path, dest: Path, manifest: str, max_bytes: Optional[int] = None) -> Path:
-    """Extract only plain files with plain relative names, within a total size limit; returns the folder."""
+    """Extract only plain files with plain relative names, within a total size limit; returns the folder that
+    holds ``manifest``. A damaged archive (bad checksum, cut short, lying headers) is one clear error."""
+    try:
+        return _extract(zip_path, dest, manifest, max_bytes)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+        raise NNSAMError(f"{zip_path.name} is damaged ({_reason(exc)}); download or export it again") from None
+
+
+def _reason(exc: Exception) -> str:
+    text = " ".join(str(exc).split())[:80]
+    return text or exc.__class__.__name__
+
+
+def _extract(zip_path: Path, dest: Path, manifest: str, max_bytes: Optional[int]) -> Path:
     max_bytes = MAX_UNPACKED_BYTES if max_bytes is None else max_bytes
     if not zipfile.is_zipfile(zip_path):
         raise NNSAMError(f"{zip_path} is not a .zip file")

@@ -3,6 +3,11 @@
 A slice (index k of the input volume's ``[k, j, i]`` array, i.e. the volume's third axis) counts as annotated when
 any class segment has a voxel in it; on an annotated slice every unpainted voxel is background. The engine gets
 the same slice list through ``--slices``.
+
+The panel recounts the annotated slices after every paint stroke, so :meth:`AnnotationReader.annotatedSlicesOf`
+reads the segments' own binary labelmaps when their voxel grid lines up with the volume's (the usual case: the
+segmentation was made on this volume); only otherwise does it export them onto the volume's grid, which adds and
+removes a label map, a display node and a colour table in the scene.
 """
 
 from __future__ import annotations
@@ -111,8 +116,11 @@ class AnnotationReader:
         return pairs
 
     def annotatedSlicesOf(self, segmentationNode, volumeNode, names: Optional[Sequence[str]] = None) -> list[int]:
-        segments = self.segmentIdsAndNames(segmentationNode, names)
-        return annotatedSlices(self.mergedLabelArray(segmentationNode, volumeNode, [s for s, _ in segments]))
+        segmentIds = [s for s, _ in self.segmentIdsAndNames(segmentationNode, names)]
+        slices = annotatedSlicesOnSameGrid(segmentationNode, volumeNode, segmentIds)
+        if slices is not None:
+            return slices
+        return annotatedSlices(self.mergedLabelArray(segmentationNode, volumeNode, segmentIds))
 
     def trainingLabels(self, segmentationNode, volumeNode, names: Optional[Sequence[str]] = None) -> TrainingLabels:
         """The classes the user painted (segments with voxels, in segmentation order) and the training label map."""
@@ -137,3 +145,68 @@ class AnnotationReader:
         chosen = [segments[value - 1] for value in present]
         return TrainingLabels(labels=labels, classNames=[name for _, name in chosen],
                               segmentIds=[segmentId for segmentId, _ in chosen], slices=annotatedSlices(labels))
+
+
+def _voxelShift(labelmap, rasToIjk: np.ndarray) -> Optional[np.ndarray]:
+    """The whole-voxel (i, j, k) shift from the labelmap's grid to the volume's, or None if the grids differ."""
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(matrix)
+    imageToWorld = np.array([[matrix.GetElement(row, col) for col in range(4)] for row in range(4)])
+    toVolume = rasToIjk @ imageToWorld
+    shift = toVolume[:3, 3]
+    if not np.allclose(toVolume[:3, :3], np.eye(3), atol=1e-4) or not np.allclose(shift, np.round(shift), atol=1e-4):
+        return None
+    return np.round(shift).astype(int)
+
+
+def annotatedSlicesOnSameGrid(segmentationNode, volumeNode, segmentIds: Sequence[str]) -> Optional[list[int]]:
+    """Annotated slices (volume K indices) read from the segments' own binary labelmaps, touching no scene.
+
+    None when that is not exact: the segments are not stored as binary labelmaps, the segmentation and the volume
+    are under different transforms, or a labelmap's voxel grid is not the volume's shifted by whole voxels.
+    """
+    import vtk
+
+    from .ImageGeometry import arrayFromImageData
+
+    if segmentationNode is None or volumeNode is None or volumeNode.GetImageData() is None:
+        return None
+    if segmentationNode.GetTransformNodeID() != volumeNode.GetTransformNodeID():
+        return None
+    segmentation = segmentationNode.GetSegmentation()
+    binary = "Binary labelmap"
+    sourceName = getattr(segmentation, "GetSourceRepresentationName", None) or segmentation.GetMasterRepresentationName
+    if sourceName() != binary:
+        return None
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetRASToIJKMatrix(matrix)
+    rasToIjk = np.array([[matrix.GetElement(row, col) for col in range(4)] for row in range(4)])
+    dimensions = volumeNode.GetImageData().GetDimensions()
+    annotated = np.zeros(dimensions[2], bool)
+    layers = {}  # a layer shared by several segments is read once
+    for segmentId in segmentIds:
+        segment = segmentation.GetSegment(segmentId)
+        labelmap = segment.GetRepresentation(binary) if segment is not None else None
+        if labelmap is None:
+            continue
+        extent = labelmap.GetExtent()
+        if extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5]:
+            continue  # empty
+        shift = _voxelShift(labelmap, rasToIjk)
+        if shift is None:
+            return None
+        key = id(labelmap)
+        if key not in layers:
+            layers[key] = arrayFromImageData(labelmap)
+        # Volume index of local voxel (0, 0, 0), then the part of the labelmap that lies inside the volume.
+        start = np.array([extent[0], extent[2], extent[4]]) + shift
+        low = np.maximum(-start, 0)
+        high = np.minimum(np.array(dimensions) - start, np.array(layers[key].shape[::-1]))
+        if np.any(high <= low):
+            continue
+        inside = layers[key][low[2]:high[2], low[1]:high[1], low[0]:high[0]] == segment.GetLabelValue()
+        hits = np.flatnonzero(inside.reshape(inside.shape[0], -1).any(axis=1))
+        annotated[hits + low[2] + start[2]] = True
+    return [int(k) for k in np.flatnonzero(annotated)]

@@ -44,6 +44,15 @@ class BundleInfo:
     def classNames(self) -> list[str]:
         return [c.name for c in self.classes]
 
+    def adaptationProblem(self, classNames) -> Optional[str]:
+        """Why annotations with ``classNames`` cannot adapt this model (None when they can): the engine's
+        --start-from needs the same classes in the same order."""
+        if list(classNames) != self.classNames:
+            return (f"The current model segments {', '.join(self.classNames)}; the annotations have "
+                    f"{', '.join(classNames)}. Paint the same segments in the same order, or untick "
+                    "'Fine-tune starts from the current model'.")
+        return None
+
     def describe(self) -> str:
         details = ", ".join(part for part in (self.encoder, self.method) if part)
         classes = ", ".join(self.classNames)

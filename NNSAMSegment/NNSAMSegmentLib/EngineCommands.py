@@ -16,21 +16,10 @@ from .Errors import UserError
 
 ENCODERS = ("litemedsam", "mobilesam")
 DEFAULT_ENCODER = "litemedsam"
-METHODS = ("nnsam", "nnunet", "nnsam-random")  # nnsam-random: control with a random frozen encoder
+METHODS = ("nnsam", "nnunet")  # the engine's user command line; research controls stay in its research harness
 PRESETS = ("quick", "full")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 ENGINE_MODULE = "nnsam_core.cli"
-# Iterations between resumable checkpoints, per preset: one of the engine's own epochs (25 iterations for quick,
-# 250 for full), so the schedule is the engine's default and only the checkpoints come more often (the default
-# writes one every tenth of the run: hours of a full run). A Stop then loses at most one epoch: seconds to a few
-# minutes on a GPU.
-CHECKPOINT_EVERY = {"quick": 25, "full": 250}
-# Share of the training steps that run the SAM encoder on the augmented patch instead of using the cached embedding
-# (the engine's --recompute-share): the panel's speed/accuracy choice. On CHD at a CPU's 192 px the cache alone was
-# about 4.5 Dice points below recomputing every step; a tenth share reached recomputing's level for about 1.3x the
-# cache's iteration time there and 1-3% more per 512 px step (docs/benchmarks/chd_recompute_share10_cpu192_q1000,
-# docs/speed/cpu.md). The default is the engine's (nnsam_core.methods.DEFAULT_RECOMPUTE_SHARE; a test keeps them
-# equal; the module does not import the engine, which runs in its own process).
 RECOMPUTE_SHARES = (0.0, 0.1, 0.25, 1.0)
 DEFAULT_RECOMPUTE_SHARE = 0.1
 
@@ -52,9 +41,8 @@ class TrainOptions:
     preset: str = "quick"
     device: str = "auto"
     iterations: Optional[int] = None
-    seed: Optional[int] = None
     resume: bool = False
-    checkpointEvery: Optional[int] = None  # iterations between resumable checkpoints (None: the engine's default)
+    startFrom: Optional[str] = None  # a saved model's bundle folder to adapt instead of learning from scratch
     recomputeShare: Optional[float] = None  # share of steps with fresh embeddings (None: the engine's default)
 
     def validate(self) -> None:
@@ -64,11 +52,6 @@ class TrainOptions:
         _checkChoice("device", self.device, DEVICES)
         if self.iterations is not None and _asCount(self.iterations) < 1:
             raise UserError(f"The number of iterations must be a whole number of 1 or more, not {self.iterations}.")
-        if self.seed is not None and _asCount(self.seed) < 0:
-            raise UserError(f"The random seed must be a whole number of 0 or more, not {self.seed}.")
-        if self.checkpointEvery is not None and _asCount(self.checkpointEvery) < 1:
-            raise UserError("The checkpoint interval must be a whole number of 1 or more iterations, not "
-                            f"{self.checkpointEvery}.")
         if self.recomputeShare is not None:
             share = _asShare(self.recomputeShare)
             if share is None:
@@ -159,16 +142,15 @@ class EngineCommandBuilder:
         options.validate()
         args = ["train", os.fspath(image), os.fspath(labels), "-o", os.fspath(outputDir),
                 "--slices", ",".join(str(k) for k in validateSlices(slices)),
-                "--class-names", ",".join(validateClassNames(classNames)),
-                "--encoder", options.encoder, "--method", options.method, "--preset", options.preset,
-                "--device", options.device]
+                "--class-names", ",".join(validateClassNames(classNames))]
+        if options.startFrom:  # the saved model brings its own encoder, method and SAM settings
+            args += ["--start-from", os.fspath(options.startFrom)]
+        else:
+            args += ["--encoder", options.encoder, "--method", options.method]
+        args += ["--preset", options.preset, "--device", options.device]
         if options.iterations is not None:
             args += ["--iterations", int(options.iterations)]
-        if options.seed is not None:
-            args += ["--seed", int(options.seed)]
-        if options.checkpointEvery is not None:
-            args += ["--checkpoint-every", int(options.checkpointEvery)]
-        if options.recomputeShare is not None:
+        if options.recomputeShare is not None and not options.startFrom:
             args += ["--recompute-share", f"{float(options.recomputeShare):g}"]
         if options.resume:
             args.append("--resume")

@@ -1,8 +1,8 @@
 """One run of the engine: its temporary folder, progress, log, stop, and the plain-words outcome.
 
 Everything the job writes lives in its own temporary folder, and results leave that folder only after the engine
-exited with status 0 (the ``onSuccess`` callback moves or imports them). Stop kills the process and deletes the
-folder, so a stopped or failed job never leaves a half-written bundle or label map where the user keeps theirs.
+exited with status 0 (the ``onSuccess`` callback moves or imports them). A stopped or failed job deletes the folder
+once its process has ended, so it never leaves a half-written bundle or label map where the user keeps theirs.
 The one exception is asked for by the ``keepFolder`` callback: a stopped training keeps its folder (never the
 user's bundle store) so that it can be resumed from its last checkpoint.
 """
@@ -20,11 +20,19 @@ from typing import Callable, Optional
 
 from .EngineCommands import EngineCommand
 from .Errors import UserError
-from .ProcessRunner import ProcessRunner
+from .ProcessRunner import STOP_GRACE_SECONDS, ProcessRunner
 from .Progress import LineSplitter, ProgressTracker, parseErrorLine, parseProgressLine
 from .Signal import Signal
 
 KEEP_JOB_DIR_VARIABLE = "NNSAM_KEEP_JOB_DIR"  # set to 1 to keep job folders for debugging
+
+# Stop protocol. Signals do not reach the engine inside Slicer (PythonSlicer is a launcher that runs the real
+# interpreter as a child and forwards none; Windows has no interrupt for a process without a console), so a job
+# asks its engine to stop with a file: the engine is started with STOP_FILE_VARIABLE naming a file in the job folder
+# and, once that file exists, ends as on Ctrl-C (its clean-up runs, exit status 130). The runner kills the whole
+# process tree if the engine has not ended after its grace period.
+STOP_FILE_VARIABLE = "NNSAM_STOP_FILE"
+STOP_FILE_NAME = "nnsam-stop"
 
 
 class JobState(enum.Enum):
@@ -65,6 +73,7 @@ class EngineJob:
         self.keepFolder = keepFolder
         self.env = env
         self.clock = clock
+        self.stopGraceSeconds = STOP_GRACE_SECONDS  # after a stop request, the process tree is killed after this
 
         self.progress = Signal()
         self.logged = Signal()
@@ -96,9 +105,22 @@ class EngineJob:
     def isRunning(self) -> bool:
         return self.state == JobState.RUNNING
 
+    @property
+    def stopFile(self) -> str:
+        return os.path.join(self.jobDirectory, STOP_FILE_NAME)
+
+    def _environment(self) -> dict:
+        env = dict(self.env or {})
+        env[STOP_FILE_VARIABLE] = self.stopFile
+        return env
+
     def start(self) -> None:
         if self.state != JobState.NEW:
             raise RuntimeError("a job can only be started once")
+        try:
+            os.remove(self.stopFile)  # left by an earlier stop of a resumed job
+        except OSError:
+            pass
         self._connections = [
             (self.runner.stdoutReceived, self.runner.stdoutReceived.connect(self._onStdout)),
             (self.runner.stderrReceived, self.runner.stderrReceived.connect(self._onStderr)),
@@ -108,7 +130,7 @@ class EngineJob:
         self.startTime = self.clock()
         self._log(f"$ {self.command.commandLine()}")
         try:
-            self.runner.start(self.command.program, list(self.command.args), env=self.env,
+            self.runner.start(self.command.program, list(self.command.args), env=self._environment(),
                               workingDirectory=self.jobDirectory)
         except Exception as error:  # reported like any failure, so the job never stays "running"
             self._onFinished(None, f"Could not start the engine: {error}")
@@ -118,8 +140,13 @@ class EngineJob:
         if self.state != JobState.RUNNING:
             return
         self._stopRequested = True
-        self._log("Stop requested: ending the engine process.")
-        self.runner.stop()
+        self._log("Stop requested: asking the engine to end.")
+        try:
+            with open(self.stopFile, "w", encoding="utf-8") as handle:
+                handle.write("stop\n")
+        except OSError as error:  # the runner's grace period still ends the process
+            self._log(f"Could not write {self.stopFile} ({error.strerror or error}); the engine will be killed.")
+        self.runner.stop(self.stopGraceSeconds)
 
     def wait(self, timeoutSeconds: Optional[float] = None) -> bool:
         """Block until the job finished (scripts, tests, Slicer self-test). True if it did."""

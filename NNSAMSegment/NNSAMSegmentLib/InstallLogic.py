@@ -2,7 +2,12 @@
 
 Rules (what users of other AI extensions complain about when they are broken):
 
-- ask before installing (unless ``NNSAM_NONINTERACTIVE=1`` or ``interactive=False``, for automated runs);
+- ask before installing (unless ``NNSAM_NONINTERACTIVE=1`` or ``interactive=False``, for automated runs), once:
+  the PyTorch extension is then told not to ask again;
+- the engine comes with the extension (its CMake installs the ``nnsam_core`` sources with their ``pyproject.toml``
+  into ``NNSAMSegmentEngine/`` beside the module); it is not on PyPI. Its dependencies come from PyPI;
+- one installation at a time: pip runs on Slicer's main thread and lets Qt process events meanwhile, so a second
+  click would otherwise start a second installation;
 - torch comes from the PyTorch extension (``PyTorchUtils``), which picks the build that fits the GPU driver;
 - packages Slicer already ships are never replaced: the installed versions of SimpleITK (Slicer's own build),
   torch, torchvision, numpy and requests are pinned in a pip constraints file, so pip either keeps them or
@@ -19,14 +24,19 @@ import importlib.util
 import logging
 import os
 import re
+import shutil
 import tempfile
 from typing import Callable, Optional, Sequence
 
 from .Errors import UserError
+from .Signal import Signal
 
 NONINTERACTIVE_VARIABLE = "NNSAM_NONINTERACTIVE"
 ENGINE_REQUIREMENT_VARIABLE = "NNSAM_ENGINE_REQUIREMENT"
 ENGINE_DISTRIBUTION = "nnsam-core"
+ENGINE_FOLDER = "NNSAMSegmentEngine"  # beside the module in an installed extension (see NNSAMSegment/CMakeLists.txt)
+ENGINE_FILES = ("pyproject.toml", "README.md", "LICENSE")  # with the nnsam_core package: what pip needs to build it
+ENGINE_PACKAGE = "nnsam_core"
 
 # import name -> distribution name (for messages and the install plan)
 REQUIRED_MODULES = {
@@ -54,22 +64,42 @@ def _installedVersion(distribution: str) -> Optional[str]:
         return None
 
 
-def defaultEngineRequirement(moduleDirectory: Optional[str] = None, environ=None) -> str:
-    """What to pip-install for the engine: ``NNSAM_ENGINE_REQUIREMENT``, else the repository of a source checkout
-    (the module folder's parent holds the engine's ``pyproject.toml``), else the ``nnsam-core`` distribution."""
+def _isEngineSource(directory: str) -> bool:
+    try:
+        with open(os.path.join(directory, "pyproject.toml"), encoding="utf-8") as handle:
+            named = re.search(r'^name\s*=\s*"nnsam-core"', handle.read(), re.MULTILINE) is not None
+    except OSError:
+        return False
+    return named and os.path.isdir(os.path.join(directory, ENGINE_PACKAGE))
+
+
+def defaultEngineRequirement(moduleDirectory: Optional[str] = None, environ=None) -> Optional[str]:
+    """What to pip-install for the engine: ``NNSAM_ENGINE_REQUIREMENT``, else the engine folder shipped with the
+    extension, else the repository of a source checkout; None when neither is there (a broken installation)."""
     environ = environ if environ is not None else os.environ
     if environ.get(ENGINE_REQUIREMENT_VARIABLE):
         return environ[ENGINE_REQUIREMENT_VARIABLE]
     moduleDirectory = moduleDirectory or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    repository = os.path.dirname(moduleDirectory)
-    pyproject = os.path.join(repository, "pyproject.toml")
-    try:
-        with open(pyproject, encoding="utf-8") as handle:
-            if re.search(r'^name\s*=\s*"nnsam-core"', handle.read(), re.MULTILINE):
-                return repository
-    except OSError:
-        pass
-    return ENGINE_DISTRIBUTION
+    for candidate in (os.path.join(moduleDirectory, ENGINE_FOLDER), os.path.dirname(moduleDirectory)):
+        if _isEngineSource(candidate):
+            return candidate
+    return None
+
+
+def stageEngineSource(sourceDirectory: str, stagingDirectory: str) -> str:
+    """Copy what pip needs to build the engine into ``stagingDirectory``; returns the copy's path.
+
+    pip builds a folder in place (``build/``, ``*.egg-info``): the extension's folder may be read-only, and a
+    source checkout must not collect build files, so pip gets a copy.
+    """
+    target = os.path.join(stagingDirectory, ENGINE_FOLDER)
+    os.makedirs(target, exist_ok=True)
+    for name in ENGINE_FILES:
+        if os.path.isfile(os.path.join(sourceDirectory, name)):
+            shutil.copy2(os.path.join(sourceDirectory, name), os.path.join(target, name))
+    shutil.copytree(os.path.join(sourceDirectory, ENGINE_PACKAGE), os.path.join(target, ENGINE_PACKAGE),
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return target
 
 
 def constraintsText(versionOf: Callable[[str], Optional[str]] = _installedVersion,
@@ -102,6 +132,8 @@ class InstallLogic:
         self.engineRequirement = engineRequirement or defaultEngineRequirement()
         self.log = log or logging.info
         self.tempDirectory = tempDirectory
+        self.installing = False  # True while ensureDependencies installs (the panel disables its buttons)
+        self.busyChanged = Signal()  # (installing: bool)
 
     # --------------------------------------------------------------------------------------------- checking
     def missingModules(self) -> list[str]:
@@ -122,12 +154,28 @@ class InstallLogic:
     def ensureDependencies(self) -> bool:
         """True when everything is importable (installing what is missing); False if the user declined.
 
-        Raises :class:`UserError` when installation is impossible or failed.
+        Raises :class:`UserError` when installation is impossible or failed, or while another one is running.
         """
+        if self.installing:
+            raise UserError("The installation of nnSAM's packages is still running; wait for it to finish.")
         missing = self.missingModules()
         if not missing:
             return True
+        self._setInstalling(True)
+        try:
+            return self._install(missing)
+        finally:
+            self._setInstalling(False)
+
+    def _setInstalling(self, installing: bool) -> None:
+        self.installing = installing
+        self.busyChanged.emit(installing)
+
+    def _install(self, missing: Sequence[str]) -> bool:
         packages = self.describeMissing(missing)
+        if ENGINE_PACKAGE in missing and not self.engineRequirement:
+            raise UserError("The nnSAM engine is missing from this installation of the extension "
+                            f"(no {ENGINE_FOLDER} folder beside the module); reinstall the NNSAMSegment extension.")
         if self.interactive:
             question = (f"nnSAM needs these Python packages: {packages}.\n\nInstall them now into Slicer's Python? "
                         "This downloads about 1-3 GB (PyTorch) and takes a few minutes. Slicer's own SimpleITK, "
@@ -139,7 +187,8 @@ class InstallLogic:
 
         if any(module in missing for module in TORCH_MODULES):
             self.log("Installing PyTorch through the PyTorch extension...")
-            if self.installTorch(self.interactive) is None:
+            # The user has just agreed to the whole installation: the PyTorch extension must not ask again.
+            if self.installTorch(False) is None:
                 raise UserError("PyTorch was not installed (cancelled or failed); nnSAM cannot run without it.")
             importlib.invalidate_caches()
 
@@ -148,19 +197,19 @@ class InstallLogic:
                             f"{packages} by hand (pip install --no-deps) and try again.")
 
         constraints = constraintsText(self.versionOf)
-        handle, constraintsPath = tempfile.mkstemp(prefix="nnsam-constraints-", suffix=".txt",
-                                                   dir=self.tempDirectory)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
+        with tempfile.TemporaryDirectory(prefix="nnsam-install-", dir=self.tempDirectory) as staging:
+            constraintsPath = os.path.join(staging, "constraints.txt")
+            with open(constraintsPath, "w", encoding="utf-8") as out:
                 out.write(constraints)
             self.log(f"Keeping installed packages:\n{constraints.strip() or '(none)'}")
+            requirement = self.engineRequirement
+            if os.path.isdir(requirement) and _isEngineSource(requirement):
+                requirement = stageEngineSource(requirement, staging)
             try:
-                self.pipInstall([self.engineRequirement, "-c", constraintsPath])
+                self.pipInstall([requirement, "-c", constraintsPath])
             except Exception as error:  # pip's CalledProcessError, or Slicer's wrapper errors
                 raise UserError(f"Installing {packages} failed ({error}); see the log or Python console for pip's "
                                 "message.") from error
-        finally:
-            os.remove(constraintsPath)
 
         importlib.invalidate_caches()
         stillMissing = self.missingModules()

@@ -3,8 +3,11 @@
 :class:`EngineJob` talks to a runner through this small interface:
 
 - ``start(program, args, env=None, workingDirectory=None)``
-- ``stop(graceSeconds)``: interrupt the process (SIGINT: Python's KeyboardInterrupt, so the engine's clean-up
-  code runs and removes its temporary files), and kill it if it has not ended after the grace period
+- ``stop(graceSeconds)``: the last resort of Stop. The job has already asked the engine to end (see
+  :mod:`EngineJob`: a stop file the engine watches, which works through Slicer's ``PythonSlicer`` launcher on
+  every platform); if the process has not ended after the grace period, it is killed together with every process
+  it started (:func:`ProcessTree.killTree`). No signal is sent to the started process itself: inside Slicer that
+  is the launcher, which would die alone and leave the engine running.
 - ``isRunning()``, ``waitForFinished(timeoutSeconds)``
 - signals ``stdoutReceived(bytes)``, ``stderrReceived(bytes)``, ``finished(exitCode, errorText)``; ``exitCode`` is
   None when the process crashed, was killed or could not start.
@@ -12,6 +15,10 @@
 Two implementations: :class:`QProcessRunner` inside Slicer (signals arrive on Qt's main thread, so the panel stays
 responsive and MRML is only touched from that thread), and :class:`SubprocessRunner` for tests and scripts, which
 delivers its signals in whatever thread calls :meth:`SubprocessRunner.processEvents` or ``waitForFinished``.
+
+Qt signals are connected with their full signature (``"finished(int,QProcess::ExitStatus)"``), never as
+attributes: for an overloaded signal PythonQt's attribute form (``finished.connect(slot)``) binds the overload
+declared first (``finished(int)`` in Qt 5.15) and passes only its arguments.
 """
 
 from __future__ import annotations
@@ -24,11 +31,12 @@ import threading
 import time
 from typing import Optional, Protocol, Sequence
 
+from .ProcessTree import killTree
 from .Signal import Signal
 
 # How long a stopped engine may take to clean up (nnU-Net shuts down its workers, temporary files are removed)
-# before it is killed; generous because a laptop busy with training can be slow to schedule it.
-STOP_GRACE_SECONDS = 10.0
+# before its process tree is killed; generous because a laptop busy with training can be slow to schedule it.
+STOP_GRACE_SECONDS = 15.0
 
 
 class ProcessRunner(Protocol):
@@ -151,31 +159,21 @@ class SubprocessRunner:
         return self._process is not None and self._process.poll() is None
 
     def stop(self, graceSeconds: float = STOP_GRACE_SECONDS) -> None:
+        """Give the process ``graceSeconds`` to end by itself, then kill its tree; blocks until it has ended."""
         process = self._process
         if process is None or process.poll() is not None:
             return
-        self._signal(process, graceful=True)
         try:
             process.wait(timeout=graceSeconds)
         except subprocess.TimeoutExpired:
-            self._signal(process, graceful=False)
+            killTree(process.pid)
             process.wait()
         if os.name == "posix":
-            # Children that ignored the interrupt must not outlive the job either.
+            # Children the engine left behind must not outlive the job either (the process has its own group).
             try:
                 os.killpg(process.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-
-    @staticmethod
-    def _signal(process: subprocess.Popen, graceful: bool) -> None:
-        try:
-            if os.name == "posix":
-                os.killpg(process.pid, signal.SIGINT if graceful else signal.SIGKILL)
-            else:  # pragma: no cover - Windows: no interrupt for a process without a console of its own
-                process.kill()
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 class QProcessRunner:
@@ -191,13 +189,13 @@ class QProcessRunner:
         self._finishedDelivered = True
         self._process = qt.QProcess(parent)
         self._process.setProcessChannelMode(qt.QProcess.SeparateChannels)
-        self._process.readyReadStandardOutput.connect(self._onStdout)
-        self._process.readyReadStandardError.connect(self._onStderr)
-        self._process.finished.connect(self._onFinished)
-        self._process.errorOccurred.connect(self._onError)
+        self._process.connect("readyReadStandardOutput()", self._onStdout)
+        self._process.connect("readyReadStandardError()", self._onStderr)
+        self._process.connect("finished(int,QProcess::ExitStatus)", self._onFinished)
+        self._process.connect("errorOccurred(QProcess::ProcessError)", self._onError)
         self._killTimer = qt.QTimer()
         self._killTimer.setSingleShot(True)
-        self._killTimer.timeout.connect(self._killIfRunning)
+        self._killTimer.connect("timeout()", self._killIfRunning)
 
     def start(self, program, args, env=None, workingDirectory=None) -> None:
         if self.isRunning():
@@ -248,28 +246,26 @@ class QProcessRunner:
         return self._process.state() != self._qt.QProcess.NotRunning
 
     def stop(self, graceSeconds: float = STOP_GRACE_SECONDS) -> None:
-        if not self.isRunning():
+        """Kill the process tree if the process has not ended ``graceSeconds`` from now; returns at once."""
+        if not self.isRunning() or self._killTimer.isActive():
             return
-        pid = int(self._process.processId())
-        if os.name == "posix" and pid > 0:
-            # An interrupt lets the engine clean up (KeyboardInterrupt); kill() follows if it does not end in time.
-            try:
-                os.kill(pid, signal.SIGINT)
-            except (ProcessLookupError, PermissionError):
-                pass
-            self._killTimer.start(int(graceSeconds * 1000))
-        else:  # Windows: console programs ignore terminate(); there is no gentler way
-            self._process.kill()
+        self._killTimer.start(int(graceSeconds * 1000))
 
     def _killIfRunning(self) -> None:
         if self.isRunning():
+            killTree(int(self._process.processId()))
             self._process.kill()
 
     def waitForFinished(self, timeoutSeconds: Optional[float] = None) -> bool:
-        if not self.isRunning():
-            return self._finishedDelivered
-        milliseconds = -1 if timeoutSeconds is None else int(timeoutSeconds * 1000)
-        self._process.waitForFinished(milliseconds)
-        if not self.isRunning():
+        """Block (scripts, self-test) until ``finished`` was delivered; Qt events are processed meanwhile, so a
+        pending stop's kill timer still fires."""
+        deadline = None if timeoutSeconds is None else time.monotonic() + timeoutSeconds
+        while not self._finishedDelivered:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            if self.isRunning():
+                self._process.waitForFinished(100)
             self._qt.QCoreApplication.processEvents()
-        return self._finishedDelivered
+            if not self.isRunning() and not self._finishedDelivered:
+                time.sleep(0.01)  # finished is queued: the next processEvents delivers it
+        return True

@@ -181,11 +181,13 @@ class ResultImporter:
                                 "instead.")
 
     def fillUnannotatedSlices(self, segmentationNode, volumeNode, prediction: np.ndarray,
-                              classes: Sequence) -> ImportSummary:
+                              classes: Sequence, writeSegment=None) -> ImportSummary:
         """Write the prediction into the slices of ``segmentationNode`` that hold no class voxel yet.
 
         ``classes`` are (value, name) pairs, e.g. a bundle's classes; segments are matched by name and created
-        (with the standard terminology for cardiac names) when missing.
+        (with the standard terminology for cardiac names) when missing. ``writeSegment(segmentationNode,
+        segmentId, mask, geometry)`` writes one class (default: OR-ed into the segment, other segments untouched);
+        the Segment Editor effect passes one that applies the editor's masking and overwrite settings.
         """
         if segmentationNode is None:
             raise UserError("Select the segmentation to fill.")
@@ -211,8 +213,12 @@ class ResultImporter:
                 segmentId = ensureSegment(segmentation, name, self.terminology)
                 mask = (prediction == value) & unannotated[:, None, None]
                 summary.classVoxels[name] = int(mask.sum())
-                if summary.classVoxels[name]:
+                if not summary.classVoxels[name]:
+                    continue
+                if writeSegment is None:
                     self._setSegmentVoxels(segmentationNode, segmentId, mask, geometry, merge=True)
+                else:
+                    writeSegment(segmentationNode, segmentId, mask, geometry)
         finally:
             segmentationNode.EndModify(wasModifying)
         return summary

@@ -2,13 +2,15 @@
 
 The codes and colours come from the shared terminology file (Slicer's ``.term.json`` format, so Slicer's
 Terminologies module can load it too); each type there carries an ``nnsamClassName`` (LV, RV, LA, RA, Myo).
-LV, RV, LA and RA use the codes and colours of Slicer's DICOM master list; Myocardium (not in that list) uses
-the SNOMED CT code and colour SlicerTotalSegmentator uses.
+LV, RV, LA and RA carry the codes of Slicer's DICOM master list (code, context group and UMLS concept as there);
+Myocardium (not in that list) uses the SNOMED CT code SlicerTotalSegmentator uses. The colours are not the master
+list's: its LA, RA and Heart colours are nearly the same brown, so five clearly different hues are used instead.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -98,3 +100,16 @@ def ensureSegment(segmentation, name: str, terminology: Optional[CardiacTerminol
 def ensureCardiacSegments(segmentation, terminology: CardiacTerminology) -> list[str]:
     """Create whichever of LV, RV, LA, RA, Myo are missing; return the IDs of all five, in that order."""
     return [ensureSegment(segmentation, cardiacClass.name, terminology) for cardiacClass in terminology.classes]
+
+
+def loadTerminologyIntoSlicer(terminologiesLogic, path: str) -> bool:
+    """Load the terminology file into Slicer's Terminologies logic; False (with a warning) if Slicer refused it.
+
+    ``LoadTerminologyFromFile`` reports failure only by returning an empty context name.
+    """
+    contextName = terminologiesLogic.LoadTerminologyFromFile(path)
+    if not contextName:
+        logging.warning(f"NNSAMSegment: Slicer could not load the cardiac terminology {path}; the cardiac codes are "
+                        "not offered in Slicer's terminology dialogs.")
+        return False
+    return True

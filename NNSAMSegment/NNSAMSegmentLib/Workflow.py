@@ -22,7 +22,7 @@ import numpy as np
 
 from .Annotations import AnnotationReader, describeSlices
 from .Bundles import BundleInfo, BundleStore, placeBundle, timestampedName
-from .EngineCommands import CHECKPOINT_EVERY, EngineCommand, EngineCommandBuilder, TrainOptions
+from .EngineCommands import EngineCommand, EngineCommandBuilder, TrainOptions
 from .EngineJob import EngineJob, JobState, createJobDirectory
 from .Errors import UserError
 from .FineTuneResume import FineTuneRecord, resumeNote
@@ -157,13 +157,15 @@ class NNSAMWorkflow:
         Once started it replaces (deletes) the resumable fine-tune, if any.
         """
         options = dataclasses.replace(options or TrainOptions(), resume=False)
-        if options.checkpointEvery is None:
-            options.checkpointEvery = CHECKPOINT_EVERY.get(options.preset)
         options.validate()
         if volumeNode is None:
             raise UserError("Select an input volume.")
         image = imageFromVolumeNode(volumeNode)
         training = self.annotationReader.trainingLabels(annotationNode, volumeNode)
+        if options.startFrom:
+            problem = BundleInfo.read(options.startFrom).adaptationProblem(training.classNames)
+            if problem:
+                raise UserError(problem)
         title = f"Fine-tuning on {len(training.slices)} slices ({', '.join(training.classNames)})"
         template = FineTuneRecord(jobDirectory="", bundleName=timestampedName(volumeNode.GetName() or "model"),
                                   title=title, slices=tuple(training.slices),

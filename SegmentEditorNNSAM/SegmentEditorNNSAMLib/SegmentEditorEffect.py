@@ -25,6 +25,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._previewNode = None
         self._prediction = None  # (label array, bundle, volume node, segmentation node)
         self._job = None
+        self._connections = []  # (Signal, id) on the shared logic; dropped by cleanup()
+        self._jobConnections = []  # (Signal, id) on the followed job
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -65,6 +67,10 @@ as fully annotated.</li>
         self.modelLabel = qt.QLabel()
         self.modelLabel.wordWrap = True
         self.scriptedEffect.addLabeledOptionsWidget("Current model:", self.modelLabel)
+        self.startFromModelCheckBox = qt.QCheckBox("Fine-tune starts from the current model")
+        self.startFromModelCheckBox.toolTip = ("Adapt the current model to this scan with a short schedule instead "
+                                               "of learning from scratch (same segments, same order).")
+        self.scriptedEffect.addOptionsWidget(self.startFromModelCheckBox)
 
         self.fineTuneButton = qt.QPushButton("Fine-tune and preview")
         self.fineTuneButton.toolTip = "Fine-tune on the painted slices, then preview the other slices."
@@ -103,7 +109,20 @@ as fully annotated.</li>
         self.stopButton.connect("clicked()", lambda: logic.workflow.stop())
         self.encoderComboBox.connect("currentIndexChanged(int)", self._rememberChoices)
         self.presetComboBox.connect("currentIndexChanged(int)", self._rememberChoices)
-        logic.workflow.bundleChanged.connect(lambda bundle: self.updateGUIFromMRML())
+        # The logic outlives this effect (Slicer calls cleanup() and then deletes effects): cleanup() drops these.
+        self._connections = [
+            (logic.workflow.bundleChanged,
+             logic.workflow.bundleChanged.connect(lambda bundle: self.updateGUIFromMRML())),
+            (logic.installLogic.busyChanged,
+             logic.installLogic.busyChanged.connect(lambda installing: self.updateGUIFromMRML())),
+        ]
+
+    def cleanup(self):
+        """Called by Slicer before the effect is deleted: nothing may call into its widgets afterwards."""
+        for signal, connectionId in self._connections + self._jobConnections:
+            signal.disconnect(connectionId)
+        self._connections, self._jobConnections = [], []
+        self._removePreview(updateGUI=False)
 
     def activate(self):
         self.updateGUIFromMRML()
@@ -115,15 +134,19 @@ as fully annotated.</li>
     def updateGUIFromMRML(self):
         if not hasattr(self, "fineTuneButton"):
             return
-        workflow = self._logic().workflow
-        busy = workflow.isBusy
+        logic = self._logic()
+        workflow = logic.workflow
+        busy = workflow.isBusy or logic.installLogic.installing
         bundle = workflow.currentBundle
         self.modelLabel.text = bundle.describe() if bundle else "None yet: fine-tune on your painted slices."
         self.fineTuneButton.enabled = not busy
+        self.startFromModelCheckBox.enabled = not busy and bundle is not None
+        if bundle is None:
+            self.startFromModelCheckBox.checked = False
         self.previewButton.enabled = not busy and bundle is not None
         self.applyButton.enabled = not busy and self._prediction is not None
         self.cancelButton.enabled = self._prediction is not None
-        self.stopButton.enabled = busy
+        self.stopButton.enabled = workflow.isBusy
 
     # ---------------------------------------------------------------------------------------------- helpers
     @staticmethod
@@ -194,11 +217,14 @@ as fully annotated.</li>
                 self.errorLabel.text = finishedJob.errorMessage
             self.updateGUIFromMRML()
 
+        for signal, connectionId in self._jobConnections:  # an earlier job's
+            signal.disconnect(connectionId)
+        self._jobConnections = []
         if not job.isRunning:  # it ended while starting (e.g. the engine could not be launched)
             onFinished(job)
             return
-        job.progress.connect(onProgress)
-        job.finished.connect(onFinished)
+        self._jobConnections = [(job.progress, job.progress.connect(onProgress)),
+                                (job.finished, job.finished.connect(onFinished))]
         self.updateGUIFromMRML()
 
     # ---------------------------------------------------------------------------------------------- actions
@@ -214,8 +240,10 @@ as fully annotated.</li>
         self._removePreview()
         self._rememberChoices()
         memory = self._logic().workflow.memory
+        bundle = self._logic().workflow.currentBundle
+        startFrom = bundle.path if bundle is not None and self.startFromModelCheckBox.checked else None
         options = TrainOptions(encoder=memory.encoder, preset=memory.preset, device=memory.device,
-                               recomputeShare=memory.recomputeShare)
+                               recomputeShare=memory.recomputeShare, startFrom=startFrom)
         options.validate()
         self._ensureDependencies()
         job = self._logic().workflow.startFineTune(volumeNode, segmentationNode, options)
@@ -256,19 +284,29 @@ as fully annotated.</li>
             raise UserError("The preview belongs to another segmentation; preview again.")
         self.scriptedEffect.saveStateForUndo()  # Undo in the Segment Editor reverts the whole result
         summary = self._logic().workflow.importer.fillUnannotatedSlices(segmentationNode, volumeNode, prediction,
-                                                                        bundle.classes)
+                                                                        bundle.classes, self._writeMasked)
         self._removePreview()
         self.statusLabel.text = f"Applied. {summary.describe()}"
+
+    def _writeMasked(self, segmentationNode, segmentId, mask, geometry):
+        """Add ``mask`` to the segment as the Segment Editor's own effects do: its masking settings (editable area,
+        editable intensity range) and overwrite setting apply."""
+        from NNSAMSegmentLib.ImageGeometry import orientedImageFromArray
+
+        modifier = orientedImageFromArray(mask.astype("uint8"), geometry)
+        self.scriptedEffect.modifySegmentByLabelmap(segmentationNode, segmentId, modifier,
+                                                    slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd,
+                                                    False)
 
     def onCancel(self):
         self._removePreview()
         self.statusLabel.text = "Preview discarded."
 
-    def _removePreview(self):
+    def _removePreview(self, updateGUI=True):
         node = self._previewNode
         self._previewNode = None
         self._prediction = None
         if node is not None and slicer.mrmlScene.IsNodePresent(node):
             slicer.mrmlScene.RemoveNode(node)
-        if hasattr(self, "fineTuneButton"):
+        if updateGUI and hasattr(self, "fineTuneButton"):
             self.updateGUIFromMRML()

@@ -228,3 +228,70 @@ def test_the_engine_can_be_interrupted_even_when_started_with_sigint_ignored():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_stop_file_interrupts_the_engine_as_ctrl_c_does(tmp_path, monkeypatch):
+    """Slicer's Stop creates $NNSAM_STOP_FILE (its launcher forwards no signal): the engine raises
+    KeyboardInterrupt in its main thread, so the interrupt clean-up runs."""
+    import time
+
+    from nnsam_core.cli import watch_stop_file
+
+    stop = tmp_path / "stop"
+    monkeypatch.setenv("NNSAM_STOP_FILE", str(stop))
+    watch_stop_file()
+    time.sleep(1.0)  # not there yet: nothing happens
+    stop.write_text("")
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        while time.monotonic() - started < 10:
+            time.sleep(0.05)
+    assert time.monotonic() - started < 3 and stop.exists()  # the file is left for its creator
+
+
+def test_the_engine_stopped_by_its_stop_file_exits_130_and_writes_nothing(tmp_path, small_pair):
+    import os
+    import subprocess
+    import sys
+
+    image, labels, _, _ = small_pair
+    stop = tmp_path / "stop"
+    stop.write_text("")
+    out = tmp_path / "model"
+    run = subprocess.run([sys.executable, "-m", "nnsam_core.cli", *map(str, train_args(image, labels, out))],
+                         env=dict(os.environ, NNSAM_STOP_FILE=str(stop)), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 130, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[-1].startswith("nnsam: error: interrupted")
+    assert "Traceback" not in run.stderr and not out.exists()
+
+
+def test_a_constant_image_is_warned_about_before_training(tmp_path, small_pair):
+    from nnsam_core import fine_tune
+
+    _, labels_path, image, _ = small_pair
+    constant = sitk.Image(image.GetSize(), sitk.sitkFloat32) + 7.0
+    constant.CopyInformation(image)
+    events = []
+
+    class Seen(Exception):
+        pass
+
+    def progress(event):
+        events.append(event)
+        if event["stage"] == "warning":
+            raise Seen  # the warning came before any work: stop here
+
+    with pytest.raises(Seen):
+        fine_tune(write(constant, tmp_path / "flat.nii.gz"), labels_path, output=tmp_path / "m", iterations=1,
+                  device="cpu", progress=progress)
+    assert "the value 7" in events[-1]["message"] and [e["stage"] for e in events] == ["prepare", "warning"]
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_normal_image_gets_no_warning():
+    from nnsam_core.cases import constant_image_warning
+
+    image = sitk.GetImageFromArray(np.arange(6 * 32 * 32, dtype=np.float32).reshape(6, 32, 32))
+    assert constant_image_warning(image) is None
+    assert "value 0" in constant_image_warning(image * 0)

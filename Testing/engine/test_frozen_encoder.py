@@ -59,8 +59,8 @@ def test_network_train_mode_does_not_reach_encoder(trained):
 
 def _logits_with_embedding(network, embedding: torch.Tensor, image: np.ndarray) -> torch.Tensor:
     class FixedBank:
-        def get_mapped(self, keys, device, draw_variant=False, mirrors=None):
-            return embedding.expand(len(keys), -1, -1, -1).to(device), torch.eye(2).expand(len(keys), 2, 2)
+        def get(self, keys, device):
+            return embedding.expand(len(keys), -1, -1, -1).to(device)
 
     network.attach_bank(FixedBank())
     x = np.concatenate([image[None, None], grid_channels((1, *image.shape), [1])])[:, 0]
@@ -88,8 +88,8 @@ def test_grid_channels_follow_mirroring_and_tiling(trained):
     embedding = torch.arange(256 * 64 * 64, dtype=torch.float32).reshape(1, 256, 64, 64).sin()
 
     class FixedBank:
-        def get_mapped(self, keys, device, draw_variant=False, mirrors=None):
-            return embedding.expand(len(keys), -1, -1, -1), torch.eye(2).expand(len(keys), 2, 2)
+        def get(self, keys, device):
+            return embedding.expand(len(keys), -1, -1, -1)
 
     network.attach_bank(FixedBank())
     grid = torch.from_numpy(grid_channels((1, 128, 128), [1])[:, 0])[None]

@@ -23,8 +23,8 @@ def test_choose_inject_skip(strides, target, expected):
 
 
 class _Bank:
-    def get_mapped(self, keys, device, draw_variant=False, mirrors=None):
-        return torch.ones((len(keys), 256, 64, 64), device=device), torch.eye(2).expand(len(keys), 2, 2)
+    def get(self, keys, device):
+        return torch.ones((len(keys), 256, 64, 64), device=device)
 
 
 @pytest.mark.parametrize("inject_stride", [8, 4])
@@ -66,9 +66,9 @@ class _RecordingBank:
         # an embedding that depends on the input, so recomputed features follow the patch
         return slices.mean(dim=(1, 2, 3), keepdim=True).expand(-1, 256, 64, 64).clone()
 
-    def get_mapped(self, keys, device, draw_variant=False, mirrors=None):
+    def get(self, keys, device):
         self.gets += 1
-        return torch.ones((len(keys), 256, 64, 64), device=device), torch.eye(2).expand(len(keys), 2, 2)
+        return torch.ones((len(keys), 256, 64, 64), device=device)
 
 
 def test_recomputed_embeddings_encode_each_training_patch_and_inference_uses_the_bank(trained):

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import CHEST_SLICES
-from nnsam_core import bundle as bundle_module
+from nnsam_core import zipsafe as zipsafe_module
 from nnsam_core.bundle import Bundle
 from nnsam_core.bundle_files import export_zip, import_zip
 from nnsam_core.errors import NNSAMError
@@ -104,6 +104,7 @@ def _zip_with(tmp_path, trained, extra_name=None, extra_bytes=b"x", symlink=None
 @pytest.mark.parametrize("entry", ["../escaped.txt", "/tmp/absolute_nnsam_test.txt", "sub/../../escaped.txt"])
 def test_zip_with_unsafe_paths_is_refused(trained, tmp_path, entry):
     archive = _zip_with(tmp_path, trained, extra_name=entry)
+    (tmp_path / "out").mkdir()
     with pytest.raises(NNSAMError, match="unsafe path"):
         import_zip(archive, tmp_path / "out" / "model")
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "out" / "escaped.txt").exists()
@@ -119,7 +120,7 @@ def test_zip_with_symlink_is_refused(trained, tmp_path):
 
 
 def test_zip_bomb_is_refused(trained, tmp_path, monkeypatch):
-    monkeypatch.setattr(bundle_module, "MAX_UNPACKED_BYTES", 150 * 1024 ** 2)
+    monkeypatch.setattr(zipsafe_module, "MAX_UNPACKED_BYTES", 150 * 1024 ** 2)
     archive = _zip_with(tmp_path, trained, extra_name="padding.bin", extra_bytes=bytes(200 * 1024 ** 2))
     assert archive.stat().st_size < 100 * 1024 ** 2
     with pytest.raises(NNSAMError, match="zip bomb"):
@@ -133,11 +134,22 @@ def _train_cmd(chest_ct, out, iterations, *extra):
             "--iterations", str(iterations), "--device", "cpu", "--progress", "json", *extra]
 
 
+# nnsam train, with a checkpoint every 2 iterations (the API's checkpoint_every; the command line checkpoints by
+# the clock, about every minute, too rarely for a test of a few iterations)
+EVERY_2 = [sys.executable, "-c", "import functools, sys\nimport nnsam_core.finetune as f\n"
+           "f.fine_tune = functools.partial(f.fine_tune, checkpoint_every=2)\n"
+           "from nnsam_core.cli import main\nsys.exit(main(sys.argv[1:]))"]
+
+
+def _train_every_2(chest_ct, out, iterations, *extra):
+    return [*EVERY_2, *_train_cmd(chest_ct, out, iterations, *extra)[len(NNSAM):]]
+
+
 def test_sigkill_keeps_old_bundle_and_resume_finishes(trained, tmp_path, chest_ct):
     out = _copy(trained, tmp_path, "model")  # an earlier bundle at the same path
     before = {p.name: sha256_of(p) for p in out.iterdir()}
     # started at a share other than the default: the resume below must keep it without being told
-    proc = subprocess.Popen(_train_cmd(chest_ct, out, 8, "--checkpoint-every", "2", "--recompute-share", "0.5"),
+    proc = subprocess.Popen(_train_every_2(chest_ct, out, 8, "--overwrite", "--recompute-share", "0.5"),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     checkpoint = None
     deadline = time.monotonic() + 600
@@ -154,13 +166,15 @@ def test_sigkill_keeps_old_bundle_and_resume_finishes(trained, tmp_path, chest_c
     assert {p.name: sha256_of(p) for p in out.iterdir()} == before, "the old bundle was touched"
     Bundle.load(out)
 
-    mixed = subprocess.run(_train_cmd(chest_ct, out, 8, "--resume", "--recompute-share", "0.25"), capture_output=True,
+    mixed = subprocess.run(_train_cmd(chest_ct, out, 8, "--overwrite", "--resume", "--recompute-share", "0.25"),
+                           capture_output=True,
                            text=True, timeout=900)
     assert mixed.returncode == 2 and mixed.stderr.strip().count("\n") == 0, mixed.stderr[-2000:]
     assert "recompute_share 0.5 then, 0.25 now" in mixed.stderr
     assert {p.name: sha256_of(p) for p in out.iterdir()} == before and checkpoint.is_file()
 
-    resumed = subprocess.run(_train_cmd(chest_ct, out, 8, "--checkpoint-every", "2", "--resume"), capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(_train_every_2(chest_ct, out, 8, "--overwrite", "--resume"), capture_output=True,
+                             text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [json.loads(l)["step"] for l in resumed.stdout.splitlines() if json.loads(l)["stage"] == "train"]
     assert steps and steps[0] > 2 and steps[-1] == 8, f"resume started from scratch: {steps}"

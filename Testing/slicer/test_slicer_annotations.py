@@ -115,3 +115,53 @@ def test_real_chest_ct_annotations_match_an_independent_reader(scene, chestData)
     mask = np.isin(voxelsKJI, [labelValue[name] for name in names])
     assert slices == [k for k in range(mask.shape[0]) if mask[k].any()]
     assert 0 < len(slices) < 34
+
+
+def _countAddedNodes(scene):
+    added = []
+    scene.AddObserver(scene.NodeAddedEvent, lambda caller, event: added.append(event))
+    return added
+
+
+def test_counting_annotated_slices_adds_no_node_to_the_scene(scene):
+    """The panel recounts after every paint stroke: that must not export labelmaps into the scene."""
+    volume, node, ids, lv, la = _annotatedScene(scene)
+    added = _countAddedNodes(scene)
+    assert AnnotationReader(scene).annotatedSlicesOf(node, volume) == [2, 5]
+    assert added == []
+
+
+def _segmentationOnAnotherGrid(scene, shiftVoxels, spacing):
+    """Segments stored on the grid of a larger volume whose voxel (0, 0, 0) lies ``shiftVoxels`` before the CT's."""
+    direction = rotationRas(0.5, flipK=False)
+    ctSpacing = np.array([0.7, 0.9, 2.5])
+    ct = addVolume(scene, np.zeros((8, 6, 7), np.int16), spacing=tuple(ctSpacing), directionRas=direction)
+    origin = np.array([10.0, -20.0, 30.0]) - direction @ (np.array(shiftVoxels) * ctSpacing)
+    other = addVolume(scene, np.zeros((12, 10, 11), np.int16), spacing=spacing, originRas=tuple(origin),
+                      directionRas=direction, name="other")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Annotations")
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(other)
+    ids = ensureCardiacSegments(node.GetSegmentation(), CardiacTerminology())
+    first, second = np.zeros((12, 10, 11), bool), np.zeros((12, 10, 11), bool)
+    first[1, 4, 4] = True  # CT slice 1 - 2 = -1: outside the CT
+    first[5, 3:5, 3:5] = True  # CT slice 3
+    second[6, 0, 0] = True  # outside the CT in I and J: not an annotation of the CT
+    second[9, 4:6, 5] = True  # CT slice 7
+    setSegmentFromArray(node, ids[0], first, other)
+    setSegmentFromArray(node, ids[1], second, other)
+    return ct, node, ids
+
+
+@pytest.mark.parametrize("spacing, fast", [((0.7, 0.9, 2.5), True), ((0.35, 0.9, 2.5), False)])
+def test_counting_on_the_segments_grid_matches_the_export(scene, spacing, fast):
+    from NNSAMSegmentLib.Annotations import annotatedSlicesOnSameGrid
+
+    ct, node, ids = _segmentationOnAnotherGrid(scene, shiftVoxels=(2, 2, 2), spacing=spacing)
+    reader = AnnotationReader(scene)
+    exported = annotatedSlices(reader.mergedLabelArray(node, ct, ids))
+    direct = annotatedSlicesOnSameGrid(node, ct, ids)
+    assert (direct is not None) == fast
+    if fast:
+        assert direct == exported == [3, 7]
+    assert reader.annotatedSlicesOf(node, ct) == exported

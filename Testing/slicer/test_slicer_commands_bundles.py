@@ -9,8 +9,8 @@ import pytest
 import nnsam_slicer_helpers  # noqa: F401 - puts the module's folder on sys.path (so the file runs alone)
 from NNSAMSegmentLib.Bundles import BundleInfo, BundleStore, placeBundle, safeName, timestampedName
 from NNSAMSegmentLib.Devices import DETECTION_SCRIPT, deviceChoices, parseDetectionOutput
-from NNSAMSegmentLib.EngineCommands import (DEFAULT_RECOMPUTE_SHARE, RECOMPUTE_SHARES, EngineCommandBuilder,
-                                            TrainOptions, validateClassNames, validateSlices)
+from NNSAMSegmentLib.EngineCommands import (DEFAULT_RECOMPUTE_SHARE, METHODS, RECOMPUTE_SHARES,
+                                            EngineCommandBuilder, TrainOptions, validateClassNames, validateSlices)
 from NNSAMSegmentLib.Errors import UserError
 from NNSAMSegmentLib.Settings import DictSettingsStore, ModelMemory
 
@@ -18,16 +18,15 @@ from NNSAMSegmentLib.Settings import DictSettingsStore, ModelMemory
 def test_train_command_follows_the_engine_interface():
     builder = EngineCommandBuilder("/opt/Slicer/bin/PythonSlicer")
     command = builder.train("/j/image.nrrd", "/j/labels.nrrd", "/j/bundle", [77, 12, 40, 12], ["LV", "RV", "Myo"],
-                            TrainOptions(encoder="mobilesam", preset="full", device="cuda", iterations=2, seed=7))
+                            TrainOptions(encoder="mobilesam", preset="full", device="cuda", iterations=2))
     assert command.program == "/opt/Slicer/bin/PythonSlicer"
     assert list(command.args) == [
         "-m", "nnsam_core.cli", "train", "/j/image.nrrd", "/j/labels.nrrd", "-o", "/j/bundle",
         "--slices", "12,40,77", "--class-names", "LV,RV,Myo", "--encoder", "mobilesam", "--method", "nnsam",
-        "--preset", "full", "--device", "cuda", "--iterations", "2", "--seed", "7", "--progress", "json"]
+        "--preset", "full", "--device", "cuda", "--iterations", "2", "--progress", "json"]
     resumed = builder.train("/j/image.nrrd", "/j/labels.nrrd", "/j/bundle", [12], ["LV"],
-                            TrainOptions(checkpointEvery=25, resume=True))
-    assert list(resumed.args[-7:]) == ["--device", "auto", "--checkpoint-every", "25", "--resume", "--progress",
-                                      "json"]
+                            TrainOptions(resume=True))
+    assert list(resumed.args[-5:]) == ["--device", "auto", "--resume", "--progress", "json"]
     fresh = builder.train("/j/image.nrrd", "/j/labels.nrrd", "/j/bundle", [12], ["LV"],
                           TrainOptions(recomputeShare=0.25))
     assert list(fresh.args[-5:]) == ["auto", "--recompute-share", "0.25", "--progress", "json"]
@@ -56,9 +55,6 @@ def test_other_commands():
     (TrainOptions(iterations=2.5), "iterations"),
     (TrainOptions(iterations=True), "iterations"),
     (TrainOptions(iterations="many"), "iterations"),
-    (TrainOptions(seed=-1), "seed"),
-    (TrainOptions(checkpointEvery=0), "checkpoint interval"),
-    (TrainOptions(checkpointEvery=2.5), "checkpoint interval"),
     (TrainOptions(recomputeShare=1.5), "fresh embeddings must be a number from 0 to 1"),
     (TrainOptions(recomputeShare=-0.1), "fresh embeddings must be a number from 0 to 1"),
     (TrainOptions(recomputeShare=float("nan")), "fresh embeddings must be a number from 0 to 1"),
@@ -213,19 +209,21 @@ def test_commands_parse_with_the_real_engine_command_line():
         return parser.parse_args(list(command.args[2:]))
 
     for encoder in ("litemedsam", "mobilesam"):
-        for method in ("nnsam", "nnunet", "nnsam-random"):
+        for method in METHODS:
             for preset in ("quick", "full"):
                 for device in ("auto", "cpu", "cuda", "mps"):
                     share = 0.0 if method == "nnunet" else 0.25
                     options = TrainOptions(encoder=encoder, method=method, preset=preset, device=device,
-                                           iterations=2, seed=5, resume=True, checkpointEvery=25,
+                                           iterations=2, resume=True,
                                            recomputeShare=share)
                     args = parse(builder.train("i.nrrd", "l.nrrd", "out", [40, 12], ["LV", "right lung"], options))
                     assert (args.verb, args.image, args.labels, args.output) == ("train", "i.nrrd", "l.nrrd", "out")
                     assert (args.slices, args.class_names) == ("12,40", "LV,right lung")
                     assert (args.encoder, args.method, args.preset, args.device) == (encoder, method, preset, device)
-                    assert (args.iterations, args.seed, args.resume, args.progress) == (2, 5, True, "json")
-                    assert args.checkpoint_every == 25 and args.recompute_share == share
+                    assert (args.iterations, args.resume, args.progress) == (2, True, "json")
+                    assert args.recompute_share == share and args.start_from is None
+    adapting = parse(builder.train("i.nrrd", "l.nrrd", "out", [3], ["LV"], TrainOptions(startFrom="/m/heart")))
+    assert adapting.start_from == "/m/heart" and adapting.encoder is None and adapting.method is None
     args = parse(builder.predict("b", "i.nrrd", "o.nrrd", "cuda"))
     assert (args.verb, args.bundle, args.image, args.output, args.device, args.progress) == (
         "predict", "b", "i.nrrd", "o.nrrd", "cuda", "json")
@@ -263,3 +261,24 @@ def test_detection_output_parser_is_defensive():
     assert parseDetectionOutput('["cuda"]') == ["cuda", "cpu"]
     assert parseDetectionOutput('["tpu", "cpu"]') == ["cpu"]
     assert parseDetectionOutput("") == ["cpu"]
+
+
+def test_the_panel_offers_only_the_user_methods():
+    assert METHODS == ("nnsam", "nnunet")
+    with pytest.raises(UserError, match="Unknown method 'nnsam-random'; choose one of: nnsam, nnunet"):
+        TrainOptions(method="nnsam-random").validate()
+
+
+def test_a_model_adapts_only_to_annotations_of_its_own_classes(tmp_path):
+    import json
+
+    folder = tmp_path / "heart"
+    folder.mkdir()
+    classes = [{"value": i, "name": n} for i, n in enumerate(("LV", "RV", "Myo"), start=1)]
+    (folder / "nnsam.json").write_text(json.dumps({"format_version": 1, "method": "nnsam", "classes": classes,
+                                                   "encoder": {"name": "litemedsam"}}))
+    info = BundleInfo.read(str(folder))
+    assert info.adaptationProblem(["LV", "RV", "Myo"]) is None
+    for other in (["LV", "RV"], ["RV", "LV", "Myo"], ["LV", "RV", "Myo", "LA"]):
+        problem = info.adaptationProblem(other)
+        assert "segments LV, RV, Myo" in problem and ", ".join(other) in problem

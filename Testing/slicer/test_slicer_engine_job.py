@@ -3,9 +3,10 @@
 The fake accepts exactly the command line of the engine's documented interface (argparse with the same verbs and
 flags), prints --progress json lines mixed with log text, writes its bundle under a temporary name and renames
 it at the end, as the real engine does. Like the engine, its training writes checkpoint_latest.pth (the step
-number) into the hidden work folder beside the bundle every --checkpoint-every steps, keeps that folder when it is
+number) into the hidden work folder beside the bundle every FAKE_CHECKPOINT_EVERY steps, keeps that folder when it is
 interrupted or killed, continues from it with --resume, and deletes it once the bundle is written. Behaviour is
-chosen through FAKE_MODE.
+chosen through FAKE_MODE. It implements the engine's stop hook (it ends as on Ctrl-C once the file named by
+NNSAM_STOP_FILE exists) unless FAKE_IGNORES_STOP=1.
 """
 
 import json
@@ -49,11 +50,11 @@ FAKE_ENGINE = textwrap.dedent(r'''
     train.add_argument("--encoder", choices=["litemedsam", "mobilesam"], default="litemedsam")
     train.add_argument("--method", choices=["nnsam", "nnunet"], default="nnsam")
     train.add_argument("--preset", choices=["quick", "full"], default="quick")
-    train.add_argument("--iterations", type=int); train.add_argument("--seed", type=int)
+    train.add_argument("--iterations", type=int)
     train.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     train.add_argument("--progress", choices=["text", "json"], default="text"); train.add_argument("--resume",
                                                                                                action="store_true")
-    train.add_argument("--checkpoint-every", type=int); train.add_argument("--recompute-share", type=float)
+    train.add_argument("--start-from"); train.add_argument("--recompute-share", type=float)
     weights = verbs.add_parser("weights").add_subparsers(dest="action", required=True)
     status = weights.add_parser("status")
     status.add_argument("--json", action="store_true")
@@ -68,6 +69,17 @@ FAKE_ENGINE = textwrap.dedent(r'''
     predict.add_argument("--progress", choices=["text", "json"], default="text")
     args = parser.parse_args()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as the real engine (nnsam_core.cli.interruptible)
+
+    def watchStopFile(path):  # the engine's stop hook: end as on Ctrl-C once the stop file exists
+        import _thread, threading
+        def watch():
+            while not os.path.exists(path):
+                time.sleep(0.05)
+            _thread.interrupt_main()
+        threading.Thread(target=watch, daemon=True).start()
+
+    if os.environ.get("NNSAM_STOP_FILE") and os.environ.get("FAKE_IGNORES_STOP") != "1":
+        watchStopFile(os.environ["NNSAM_STOP_FILE"])
 
     mode = os.environ.get("FAKE_MODE", "ok")
     with open(os.environ["FAKE_ARGS_LOG"], "a") as log:
@@ -120,7 +132,7 @@ FAKE_ENGINE = textwrap.dedent(r'''
                 progress("train", step, total, loss=1.0 / step)
                 with open(os.path.join(partial, "checkpoint_%d.pt" % step), "w") as handle:
                     handle.write("x")
-                if args.checkpoint_every and step % args.checkpoint_every == 0:
+                if step % int(os.environ.get("FAKE_CHECKPOINT_EVERY", "25")) == 0:  # the engine's own cadence
                     with open(checkpoint + ".partial", "w") as handle:
                         handle.write(str(step))
                     os.replace(checkpoint + ".partial", checkpoint)
@@ -212,7 +224,7 @@ def test_fine_tune_then_segment_end_to_end(workflow, annotatedVolume, tmp_path):
     events = []
     workflow.jobStarted.connect(lambda job: job.progress.connect(events.append))
 
-    job = workflow.startFineTune(volume, annotations, TrainOptions(iterations=2, seed=3))
+    job = workflow.startFineTune(volume, annotations, TrainOptions(iterations=2))
     assert job.wait(30)
 
     assert job.state == JobState.SUCCEEDED, job.errorMessage
@@ -228,7 +240,7 @@ def test_fine_tune_then_segment_end_to_end(workflow, annotatedVolume, tmp_path):
     assert trainArgs[trainArgs.index("--class-names") + 1] == "LV,RV,Myo"
     assert trainArgs[trainArgs.index("--iterations") + 1] == "2"
     assert trainArgs[trainArgs.index("--progress") + 1] == "json"
-    assert trainArgs[trainArgs.index("--checkpoint-every") + 1] == "25"  # the quick preset's epoch
+    assert "--checkpoint-every" not in trainArgs  # the engine checkpoints by the clock
     assert "--resume" not in trainArgs
     assert workflow.resumableFineTune is None
 
@@ -274,8 +286,9 @@ def _checkpointStep(jobDirectory) -> int:
 def _stoppedAfterCheckpoint(workflow, annotatedVolume, monkeypatch, tmp_path):
     """A fine-tune of 100 steps with a checkpoint every 2, stopped once a checkpoint of step 4 or later exists."""
     monkeypatch.setenv("FAKE_MODE", "slow")
+    monkeypatch.setenv("FAKE_CHECKPOINT_EVERY", "2")
     monkeypatch.setenv("FAKE_STEPS", "100")  # 10 s of training: the stop lands mid-way even on a loaded machine
-    job = workflow.startFineTune(*annotatedVolume, TrainOptions(checkpointEvery=2, recomputeShare=0.25))
+    job = workflow.startFineTune(*annotatedVolume, TrainOptions(recomputeShare=0.25))
     _waitFor(lambda: _checkpointStep(job.jobDirectory) >= 4 and (tmp_path / "child.pid").exists(), job.runner)
     assert os.path.isdir(os.path.join(job.jobDirectory, "bundle.partial"))  # the engine is mid-way through
     job.stop()
@@ -318,7 +331,6 @@ def test_stop_kills_the_engine_keeps_a_resumable_folder_and_leaves_no_bundle(wor
     assert record is not None and record.jobDirectory == job.jobDirectory and record.hasCheckpoint()
     assert workflow.memory.resumableFineTunePath == job.jobDirectory
     trainArgs = _receivedArguments(tmp_path)[0]
-    assert trainArgs[trainArgs.index("--checkpoint-every") + 1] == "2"
     childPid = int((tmp_path / "child.pid").read_text())
     _waitFor(lambda: not _alive(childPid), job.runner, timeout=5)
 
@@ -378,8 +390,9 @@ def test_killed_engine_is_resumable_in_a_later_session(scene, fakeEngine, annota
                              ModelMemory(settings), jobBaseDirectory=str(tmp_path / "jobs"))
 
     first = session()
-    monkeypatch.setenv("FAKE_MODE", "killed")  # kill -9 right after the checkpoint of step 2
-    job = first.startFineTune(*annotatedVolume, TrainOptions(encoder="mobilesam", seed=4, checkpointEvery=2))
+    monkeypatch.setenv("FAKE_MODE", "killed")
+    monkeypatch.setenv("FAKE_CHECKPOINT_EVERY", "2")  # kill -9 right after the checkpoint of step 2
+    job = first.startFineTune(*annotatedVolume, TrainOptions(encoder="mobilesam", iterations=6))
     assert job.wait(30)
     assert job.state == JobState.FAILED and job.exitCode is None
     assert job.errorMessage.startswith("The engine crashed or was killed.")
@@ -390,7 +403,7 @@ def test_killed_engine_is_resumable_in_a_later_session(scene, fakeEngine, annota
     assert second.resumableFineTune is None
     record = second.restoreResumableFineTune()
     assert record == first.resumableFineTune and record.jobDirectory == job.jobDirectory
-    assert (record.options.encoder, record.options.seed, record.options.checkpointEvery) == ("mobilesam", 4, 2)
+    assert (record.options.encoder, record.options.iterations) == ("mobilesam", 6)
     monkeypatch.setenv("FAKE_MODE", "ok")
     monkeypatch.setenv("FAKE_STEPS", "5")
     resumed = second.startResumeFineTune()
@@ -405,7 +418,8 @@ def test_killed_engine_is_resumable_in_a_later_session(scene, fakeEngine, annota
 
 def test_discard_deletes_the_kept_folder(workflow, annotatedVolume, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_MODE", "killed")
-    job = workflow.startFineTune(*annotatedVolume, TrainOptions(checkpointEvery=2))
+    monkeypatch.setenv("FAKE_CHECKPOINT_EVERY", "2")
+    job = workflow.startFineTune(*annotatedVolume, TrainOptions())
     assert job.wait(30) and job.folderKept
     changes = []
     workflow.resumableChanged.connect(changes.append)
@@ -422,7 +436,8 @@ def test_discard_deletes_the_kept_folder(workflow, annotatedVolume, tmp_path, mo
 
 def test_a_new_fine_tune_deletes_the_kept_folder(workflow, annotatedVolume, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_MODE", "killed")
-    kept = workflow.startFineTune(*annotatedVolume, TrainOptions(checkpointEvery=2))
+    monkeypatch.setenv("FAKE_CHECKPOINT_EVERY", "2")
+    kept = workflow.startFineTune(*annotatedVolume, TrainOptions())
     assert kept.wait(30) and kept.folderKept
     monkeypatch.setenv("FAKE_MODE", "error")
     with pytest.raises(UserError, match="number of iterations"):  # refused before anything ran: nothing deleted
@@ -442,7 +457,8 @@ def test_a_new_fine_tune_deletes_the_kept_folder(workflow, annotatedVolume, tmp_
 
 def test_resume_whose_files_are_gone_is_forgotten(workflow, annotatedVolume, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_MODE", "killed")
-    job = workflow.startFineTune(*annotatedVolume, TrainOptions(checkpointEvery=2))
+    monkeypatch.setenv("FAKE_CHECKPOINT_EVERY", "2")
+    job = workflow.startFineTune(*annotatedVolume, TrainOptions())
     assert job.wait(30) and job.folderKept
     os.remove(os.path.join(job.jobDirectory, "labels.nrrd"))
     with pytest.raises(UserError, match="are gone; start a new fine-tune"):
@@ -459,7 +475,8 @@ def test_restore_forgets_a_broken_or_missing_folder(scene, fakeEngine, annotated
                              ModelMemory(settings), jobBaseDirectory=str(tmp_path / "jobs"))
 
     monkeypatch.setenv("FAKE_MODE", "killed")
-    job = session().startFineTune(*annotatedVolume, TrainOptions(checkpointEvery=2))
+    monkeypatch.setenv("FAKE_CHECKPOINT_EVERY", "2")
+    job = session().startFineTune(*annotatedVolume, TrainOptions())
     assert job.wait(30) and job.folderKept
     description = os.path.join(job.jobDirectory, "nnsam-finetune.json")
     with open(description) as handle:
@@ -476,15 +493,22 @@ def test_restore_forgets_a_broken_or_missing_folder(scene, fakeEngine, annotated
     assert session().restoreResumableFineTune() is None
 
 
-def test_checkpoint_interval_follows_the_preset_unless_given(workflow, annotatedVolume, tmp_path, monkeypatch):
+def test_checkpoints_are_left_to_the_engine_and_a_start_model_is_sent(workflow, annotatedVolume, tmp_path,
+                                                                      monkeypatch):
     monkeypatch.setenv("FAKE_MODE", "error")  # fails at once: only the command lines matter here
     full = TrainOptions(preset="full")
     assert workflow.startFineTune(*annotatedVolume, full).wait(30)
-    assert workflow.startFineTune(*annotatedVolume, TrainOptions(checkpointEvery=7)).wait(30)
-    fullArgs, explicitArgs = _receivedArguments(tmp_path)
-    assert fullArgs[fullArgs.index("--checkpoint-every") + 1] == "250"  # one epoch of the full preset
-    assert explicitArgs[explicitArgs.index("--checkpoint-every") + 1] == "7"
-    assert full.checkpointEvery is None and not full.resume  # the caller's options are left alone
+    parent = tmp_path / "parent_model"
+    parent.mkdir()
+    classes = [{"value": i, "name": n} for i, n in enumerate(("LV", "RV", "Myo"), start=1)]
+    (parent / "nnsam.json").write_text(json.dumps({"format_version": 1, "method": "nnsam", "classes": classes,
+                                                   "encoder": {"name": "litemedsam"}}))
+    assert workflow.startFineTune(*annotatedVolume, TrainOptions(startFrom=str(parent))).wait(30)
+    fullArgs, adaptArgs = _receivedArguments(tmp_path)
+    assert "--checkpoint-every" not in fullArgs and "--start-from" not in fullArgs
+    assert adaptArgs[adaptArgs.index("--start-from") + 1] == str(parent)
+    assert "--encoder" not in adaptArgs and "--method" not in adaptArgs  # the saved model brings its own
+    assert full.startFrom is None and not full.resume  # the caller's options are left alone
 
 
 def test_stopped_predict_job_still_deletes_its_folder(workflow, annotatedVolume, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 import nnsam_slicer_helpers  # noqa: F401 - puts the module's folder on sys.path (so the file runs alone)
 from NNSAMSegmentLib.EngineCommands import ENCODERS
 from NNSAMSegmentLib.Errors import UserError
-from NNSAMSegmentLib.InstallLogic import (ENGINE_DISTRIBUTION, REQUIRED_MODULES, InstallLogic, constraintsText,
+from NNSAMSegmentLib.InstallLogic import (ENGINE_FOLDER, REQUIRED_MODULES, InstallLogic, constraintsText,
                                           defaultEngineRequirement, isNonInteractive)
 from NNSAMSegmentLib.SharedResources import WEIGHTS_MANIFEST_FILE, sharedResourcePath
 from NNSAMSegmentLib.Weights import WeightsManifest, parseWeightsStatus
@@ -61,7 +61,7 @@ def test_installs_torch_first_then_the_engine_with_slicers_packages_pinned(tmp_p
     assert environment.logic(tempDirectory=str(tmp_path)).ensureDependencies()
     kinds = [call[0] for call in environment.calls]
     assert kinds == ["confirm", "torch", "pip"]
-    assert environment.calls[1] == ("torch", True)
+    assert environment.calls[1] == ("torch", False)  # the user said yes once; PyTorchUtils must not ask again
     _, arguments, constraints = environment.calls[2]
     assert arguments[0] == "/src/nnsam"
     pins = set(constraints.split())
@@ -127,13 +127,79 @@ def test_constraints_text_pins_only_installed_packages():
     assert constraintsText(lambda name: None) == ""
 
 
-def test_engine_requirement_prefers_the_variable_then_the_checkout(tmp_path):
+def _engineSource(directory):
+    (directory / "nnsam_core").mkdir(parents=True)
+    (directory / "nnsam_core" / "__init__.py").write_text("")
+    (directory / "pyproject.toml").write_text('[project]\nname = "nnsam-core"\n')
+    (directory / "README.md").write_text("engine")
+    return directory
+
+
+def test_engine_requirement_prefers_the_variable_then_the_shipped_engine_then_the_checkout(tmp_path):
     assert defaultEngineRequirement(environ={"NNSAM_ENGINE_REQUIREMENT": "nnsam-core==0.2"}) == "nnsam-core==0.2"
     moduleDirectory = tmp_path / "repo" / "NNSAMSegment"
     moduleDirectory.mkdir(parents=True)
-    assert defaultEngineRequirement(str(moduleDirectory), environ={}) == ENGINE_DISTRIBUTION
+    assert defaultEngineRequirement(str(moduleDirectory), environ={}) is None  # never a PyPI name: it is not there
     (tmp_path / "repo" / "pyproject.toml").write_text('[project]\nname = "nnsam-core"\n')
+    assert defaultEngineRequirement(str(moduleDirectory), environ={}) is None  # no nnsam_core package beside it
+    _engineSource(tmp_path / "repo")
     assert defaultEngineRequirement(str(moduleDirectory), environ={}) == str(tmp_path / "repo")
+    _engineSource(moduleDirectory / ENGINE_FOLDER)
+    assert defaultEngineRequirement(str(moduleDirectory), environ={}) == str(moduleDirectory / ENGINE_FOLDER)
+
+
+def test_a_missing_engine_is_one_clear_line_and_nothing_is_installed():
+    environment = FakeEnvironment(missing=["nnsam_core"])
+    logic = environment.logic()
+    logic.engineRequirement = None
+    with pytest.raises(UserError, match="reinstall the NNSAMSegment extension"):
+        logic.ensureDependencies()
+    assert environment.calls == []
+
+
+def test_pip_builds_a_copy_of_the_shipped_engine(tmp_path):
+    source = _engineSource(tmp_path / "extension" / ENGINE_FOLDER)
+    (source / "nnsam_core" / "__pycache__").mkdir()
+    environment = FakeEnvironment(missing=["nnsam_core"])
+    seen = {}
+
+    def pipInstall(arguments):
+        staged = arguments[0]
+        seen["staged"] = staged
+        seen["files"] = sorted(os.listdir(staged))
+        seen["package"] = sorted(os.listdir(os.path.join(staged, "nnsam_core")))
+        environment.pipInstall(arguments)
+
+    logic = environment.logic(tempDirectory=str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    logic.engineRequirement = str(source)
+    logic._pipInstall = pipInstall
+    assert logic.ensureDependencies()
+    assert seen["staged"] != str(source) and not seen["staged"].startswith(str(source))
+    assert seen["files"] == ["README.md", "nnsam_core", "pyproject.toml"]
+    assert seen["package"] == ["__init__.py"]
+    assert os.listdir(tmp_path / "tmp") == []  # the copy is removed afterwards
+    assert sorted(os.listdir(source)) == ["README.md", "nnsam_core", "pyproject.toml"]  # the original is untouched
+
+
+def test_a_second_request_during_an_installation_is_refused():
+    """pip and PyTorchUtils let Qt process events while they run: a second click arrives during the first."""
+    environment = FakeEnvironment(missing=["torch", "nnsam_core"])
+    logic = environment.logic()
+    refusals = []
+
+    def installTorchWithAClick(askConfirmation):
+        try:
+            logic.ensureDependencies()
+        except UserError as error:
+            refusals.append(str(error))
+        return environment.installTorch(askConfirmation)
+
+    logic._installTorch = installTorchWithAClick
+    assert logic.ensureDependencies()
+    assert refusals == ["The installation of nnSAM's packages is still running; wait for it to finish."]
+    assert [call[0] for call in environment.calls] == ["confirm", "torch", "pip"]
+    assert logic.installing is False
 
 
 def test_weights_manifest_lists_every_encoder_the_panel_offers():

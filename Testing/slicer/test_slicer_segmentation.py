@@ -10,13 +10,15 @@ from NNSAMSegmentLib.SharedResources import TERMINOLOGY_FILE, candidateDirectori
 from NNSAMSegmentLib.Terminology import CardiacTerminology, ensureCardiacSegments, ensureSegment
 
 # SNOMED CT codes Slicer's own terminology uses (DICOM master list for the chambers; Myocardium as in
-# SlicerTotalSegmentator), with their recommended colours.
+# SlicerTotalSegmentator), with the context group (cid, name) and UMLS concept of Slicer 5.10's
+# SegmentationCategoryTypeModifier-DICOM-Master.json for the chambers.
+VENTRICLE_GROUPS = "CardiovascularAnatomicLocations,CardiacStructureSegmentationTypes"
 EXPECTED = {
-    "LV": ("87878005", "Left ventricle", (152, 55, 13)),
-    "RV": ("53085002", "Right ventricle", (181, 85, 57)),
-    "LA": ("82471001", "Left atrium", (203, 108, 81)),
-    "RA": ("73829009", "Right atrium", (210, 115, 89)),
-    "Myo": ("74281007", "Myocardium", (206, 110, 84)),
+    "LV": ("87878005", "Left ventricle", ("3010,7152", VENTRICLE_GROUPS, "C0225897")),
+    "RV": ("53085002", "Right ventricle", ("3010,7152", VENTRICLE_GROUPS, "C0225883")),
+    "LA": ("82471001", "Left atrium", ("3010", "CardiovascularAnatomicLocations", "C0225860")),
+    "RA": ("73829009", "Right atrium", ("3010", "CardiovascularAnatomicLocations", "C0225844")),
+    "Myo": ("74281007", "Myocardium", None),
 }
 
 
@@ -28,10 +30,31 @@ def terminology():
 def test_terminology_file_has_the_five_classes_with_snomed_codes_and_colours(terminology):
     assert terminology.classNames == list(EXPECTED)
     for cardiacClass in terminology.classes:
-        code, meaning, colour = EXPECTED[cardiacClass.name]
+        code, meaning, _context = EXPECTED[cardiacClass.name]
         assert (cardiacClass.type.scheme, cardiacClass.type.value, cardiacClass.type.meaning) == ("SCT", code, meaning)
-        assert cardiacClass.color255 == colour
     assert (terminology.category.scheme, terminology.category.value) == ("SCT", "123037004")
+
+
+def test_chamber_codes_carry_the_master_lists_context():
+    import json
+
+    with open(sharedResourcePath(TERMINOLOGY_FILE), encoding="utf-8") as handle:
+        types = json.load(handle)["SegmentationCodes"]["Category"][0]["Type"]
+    for entry in types:
+        expected = EXPECTED[entry["nnsamClassName"]][2]
+        if expected is not None:
+            found = (str(entry["cid"]), entry["contextGroupName"], entry["UMLSConceptUID"])
+            assert found == expected, entry["CodeMeaning"]
+
+
+def test_the_five_colours_are_clearly_different(terminology):
+    """Every pair differs by at least 100 in RGB distance (the master list's LA, RA and Heart differ by under 15)."""
+    colours = {c.name: np.array(c.color255, float) for c in terminology.classes}
+    names = list(colours)
+    for index, first in enumerate(names):
+        for second in names[index + 1:]:
+            distance = float(np.linalg.norm(colours[first] - colours[second]))
+            assert distance >= 100, f"{first} and {second} look alike (distance {distance:.0f})"
 
 
 def test_slicer_terminology_logic_loads_the_file_and_parses_our_entries(terminology):
@@ -78,7 +101,7 @@ def test_ensure_cardiac_segments_is_idempotent_and_keeps_user_segments(scene, te
     assert segmentation.GetNumberOfSegments() == 5
     np.testing.assert_allclose(segmentation.GetSegment(userId).GetColor(), (0.1, 0.2, 0.3))
     myo = segmentation.GetSegment(ids[4])
-    np.testing.assert_allclose(myo.GetColor(), np.array(EXPECTED["Myo"][2]) / 255.0)
+    np.testing.assert_allclose(myo.GetColor(), np.array(terminology.find("Myo").color255) / 255.0)
     assert "SCT^74281007^Myocardium" in myo.GetTerminology()
     # A non-cardiac class gets a segment, but not a cardiac code (Slicer's default terminology instead).
     otherId = ensureSegment(segmentation, "aorta", terminology)
@@ -127,3 +150,19 @@ def test_shared_resources_are_found_in_the_checkout():
     assert len(candidateDirectories()) == 2
     with pytest.raises(FileNotFoundError, match="no-such-file"):
         sharedResourcePath("no-such-file.json")
+
+
+def test_a_terminology_slicer_refuses_is_reported(terminology, caplog):
+    import slicer
+
+    from NNSAMSegmentLib.Terminology import loadTerminologyIntoSlicer
+
+    assert loadTerminologyIntoSlicer(slicer.vtkSlicerTerminologiesModuleLogic(), terminology.path)
+
+    class RefusingLogic:  # Slicer's answer to a file it cannot read: an empty context name, no exception
+        def LoadTerminologyFromFile(self, path):
+            return ""
+
+    with caplog.at_level("WARNING"):
+        assert not loadTerminologyIntoSlicer(RefusingLogic(), "/broken.term.json")
+    assert "could not load the cardiac terminology /broken.term.json" in caplog.text

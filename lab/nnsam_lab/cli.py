@@ -11,6 +11,7 @@ from nnsam_core.cli import run_verb
 from .benchmark.command import add_benchmark_parser
 from .encoder_bench import add_bench_encoder_parser
 from .probe import add_probe_parser
+from .rawdata import add_raw_dataset_parser
 from .speed import add_bench_speed_parser
 
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_speed_parser(verbs)
     add_bench_encoder_parser(verbs)
     add_probe_parser(verbs)
+    add_raw_dataset_parser(verbs)
     return parser
 
 

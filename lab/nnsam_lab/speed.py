@@ -405,6 +405,7 @@ def measure_time_to_segmentation(root: Path, source: SliceSource, n_slices: int,
     default = config_of_trainer(nnUNetTrainerNNSAM)  # what nnsam train runs when not told otherwise
     config = on_encoder(dataclasses.replace(default, recompute_share=recompute_share), encoder, random_encoder)
     config = None if config == default else config
+    root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     bundle = fine_tune(image, labels, output=root / "bundle", slices=slices, class_names=source.class_names,
                        encoder=encoder, preset="quick", iterations=iterations, device=device.type, seed=seed,

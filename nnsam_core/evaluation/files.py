@@ -9,6 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnsam_core.errors import NNSAMError
+from nnsam_core.filecheck import check_complete
 from nnsam_core.evaluation.output import format_numbers
 
 # Longest first, so that "case.nii.gz" loses ".nii.gz" and not only ".gz".
@@ -62,6 +63,7 @@ def case_name(path: Path) -> str | None:
 
 def read_header(path: Path) -> sitk.ImageFileReader:
     """The image's header (size, spacing, origin, direction) without its pixels."""
+    check_complete(path, "label map")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -76,6 +78,7 @@ def read_labels(path: Path) -> tuple[np.ndarray, tuple[float, float, float], sit
 
     2D images become one-slice volumes (spacing 1 along k, which 2D scoring never uses).
     """
+    check_complete(path, "label map")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:

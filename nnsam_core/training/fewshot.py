@@ -29,6 +29,24 @@ class nnUNetTrainerFewShot(nnUNetTrainer):
         self.set_schedule(self.default_iterations)
         self._steps_done = 0
         self._train_started_at: Optional[float] = None
+        # Set: a resumable checkpoint at the end of the first epoch this many seconds after the last one (what
+        # fine_tune uses, so a stop loses about that much training on any machine); None: every save_every epochs.
+        self.checkpoint_seconds: Optional[float] = None
+        self._last_checkpoint_at = time.monotonic()
+        # Set before training: the network starts from these weights (a saved model being adapted), not at random.
+        self.initial_weights: Optional[dict] = None
+
+    def initialize(self):
+        super().initialize()
+        if self.initial_weights is not None:
+            module = self.network.module if self.is_ddp else self.network
+            module = getattr(module, "_orig_mod", module)
+            try:
+                module.load_state_dict(self.initial_weights, strict=True)
+            except RuntimeError as exc:
+                from ..errors import NNSAMError
+                raise NNSAMError("the saved model's network does not fit this training "
+                                 f"({str(exc).splitlines()[0][:160]}); train afresh without --start-from") from None
 
     def set_schedule(self, total_iterations: int, checkpoint_every: Optional[int] = None) -> None:
         """Train ``total_iterations`` steps. Epochs are nnU-Net's unit of logging and resumable checkpoints:
@@ -61,6 +79,9 @@ class nnUNetTrainerFewShot(nnUNetTrainer):
         raise ValueError(f"progress_plot must be 'checkpoints', 'end' or 'never', not {self.progress_plot!r}")
 
     def on_epoch_end(self):
+        if self.checkpoint_seconds is not None:
+            due = time.monotonic() - self._last_checkpoint_at >= self.checkpoint_seconds
+            self.save_every = 1 if due else self.num_epochs + 1  # nnU-Net saves when (epoch + 1) % save_every == 0
         # nnU-Net redraws progress.png (matplotlib, over a second) after every epoch, a large share of a short GPU
         # fine-tune with epochs of 25 steps. Draw it only as often as progress_plot says.
         if self._draws_progress_plot(self.current_epoch):
@@ -80,11 +101,12 @@ class nnUNetTrainerFewShot(nnUNetTrainer):
         super().save_checkpoint(partial)
         if os.path.exists(partial):
             os.replace(partial, filename)
+        self._last_checkpoint_at = time.monotonic()
 
     def on_train_start(self):
         super().on_train_start()
         self._steps_done = self.current_epoch * self.num_iterations_per_epoch
-        self._train_started_at = time.monotonic()
+        self._train_started_at = self._last_checkpoint_at = time.monotonic()
         self._steps_at_start = self._steps_done
 
     def train_step(self, batch: dict) -> dict:

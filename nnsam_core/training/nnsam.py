@@ -95,7 +95,8 @@ class nnUNetTrainerNNSAM(nnUNetTrainerFewShot):
                                     "message": f"computing {config.encoder} embeddings of {len(warm)} training slices"})
         bank.warm(warm)
         network = self._network_module()
-        if config.embedding_norm == "standardise":
+        if config.embedding_norm == "standardise" and self.initial_weights is None:
+            # an adapted model keeps the statistics its decoder learned with (they came with its weights)
             mean, std = bank.channel_statistics()
             network.set_embedding_statistics(mean.to(self.device), std.to(self.device))
         network.attach_bank(bank)

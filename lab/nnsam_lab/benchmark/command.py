@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 
 from nnsam_core.errors import NNSAMError
-from nnsam_core.methods import (DEFAULT_RECOMPUTE_SHARE, ENCODER_NAMES, INJECT_STRIDES, LAB_METHOD_HELP, METHODS,
-                                SAM_INPUTS, check_recompute_share)
+from nnsam_core.methods import (DEFAULT_RECOMPUTE_SHARE, ENCODER_NAMES, INJECT_STRIDES, LAB_METHOD_HELP, SAM_INPUTS,
+                                check_recompute_share)
+
+from .fill import BENCH_METHODS, FILL_HELP
 
 DESCRIPTION = """\
 Compare nnSAM with nnU-Net (and, as a control, nnSAM with a random frozen encoder) when few slices are annotated.
@@ -21,9 +23,15 @@ trains on the same slices with the same seed and preset, then segments every tes
 
 In-volume protocol (--in-volume): for each volume, k evenly spaced labelled slices are the only annotation; the
 model fine-tuned on them segments the volume and the remaining labelled slices are scored; mean ± SD over volumes.
+  One-slice cases named <patient>_<slice index> are grouped into one sparse volume per patient (its labelled
+  slices in slice order); fill-between places them at their slice index, and missing slices are not scored.
+  The headline is the 3D Dice of each structure over all scored slices of a volume (their voxels pooled), mean
+  over structures, then over volumes; the per-slice 2D mean stands beside it. --methods fill-between adds the
+  clinician's baseline (Slicer's "Fill between slices" on the annotated slices, no training) and every method
+  is compared with it.
 
 REPORT_DIR gets report.md (Table 1 layout, per-class Tables 2 and 3), results.csv (every slice and class),
-dice_vs_size.png and examples.png. Finished runs are kept under REPORT_DIR/runs and never redone, so an
+dice_vs_size.png and examples.png; in-volume reports also volumes.csv (3D Dice of every volume and structure). Finished runs are kept under REPORT_DIR/runs and never redone, so an
 interrupted benchmark continues where it stopped and a later call can add methods, sizes or seeds."""
 
 EPILOG = """\
@@ -31,6 +39,8 @@ examples:
   nnsam-lab benchmark ../shared/data/Dataset901_CHD -o chd_report --sizes 4 20 --methods nnsam nnunet nnsam-random \\
       --classes LV RV LA RA Myo --iterations 100
   nnsam-lab benchmark --in-volume ../shared/data/Dataset902_MSCMR -o mscmr_invol --annotated 2 3 --volumes 4
+  nnsam-lab benchmark --in-volume ../shared/data/Dataset902_MSCMR -o mscmr_fill --methods fill-between
+  nnsam-lab benchmark --in-volume ../shared/data/Dataset901_CHD -o chd_fill --methods fill-between --annotated 2 3
   nnsam-lab benchmark ../shared/data/Dataset901_CHD -o chd_report --sizes 4 8 --dry-run   # show split and runs"""
 
 
@@ -45,7 +55,7 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--in-volume", action="store_true",
                         help="in-volume protocol: annotate k slices of each volume, score the others")
     parser.add_argument("--methods", nargs="+", default=["nnsam", "nnunet"],
-                        choices=METHODS, help="default: nnsam nnunet. " + LAB_METHOD_HELP)
+                        choices=BENCH_METHODS, help="default: nnsam nnunet. " + LAB_METHOD_HELP + "; " + FILL_HELP)
     parser.add_argument("--sizes", nargs="+", type=int, default=[4, 8, 12, 16, 20], metavar="N",
                         help="training set sizes in slices (labelled-slices protocol; default: 4 8 12 16 20)")
     parser.add_argument("--split", choices=("patient", "slice"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from nnsam_core.errors import NNSAMError
 from nnsam_core.workspace import read_raw_dataset
-from .splits import Unit, make_units
+from .splits import Unit, make_units, sparse_volumes
 
 
 @dataclass
@@ -30,6 +30,10 @@ class DatasetInfo:
     ending: str
     slice_cases: list[str]          # one-slice cases
     volumes: dict[str, list[int]]   # volume case -> labelled slice indices
+    # Sparse volumes (one patient's one-slice cases stacked in slice order): volume -> its cases, and the real
+    # slice index of each stacked slice. Empty for datasets of real volumes.
+    members: dict[str, list[str]] = field(default_factory=dict)
+    positions: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def channel_name(self) -> str:
@@ -61,6 +65,42 @@ def read_dataset(folder) -> DatasetInfo:
             array = sitk.GetArrayViewFromImage(labels_image)
             volumes[case] = [int(k) for k in np.flatnonzero(array.reshape(array.shape[0], -1).any(axis=1))]
     return DatasetInfo(folder, raw.dataset_json, raw.class_names, ending, slice_cases, volumes)
+
+
+def with_sparse_volumes(info: DatasetInfo) -> DatasetInfo:
+    """The one-slice cases of ``info`` as one sparse volume per patient (cases ``<patient>_<slice index>``): the
+    patient's slices stacked in slice order, each keeping its real slice index in ``positions``."""
+    if info.volumes:
+        return info
+    groups = sparse_volumes(info.slice_cases) if info.slice_cases else None
+    if not groups:
+        raise NNSAMError(f"{info.folder.name} holds one-slice cases whose names carry no patient and slice index "
+                         "(<patient>_<slice index>), so they cannot be grouped into volumes for the in-volume "
+                         "protocol")
+    clash = sorted(set(groups) & set(info.slice_cases))
+    if clash:
+        raise NNSAMError(f"patient id {clash[0]} is also a case name of {info.folder.name}; rename the case")
+    volumes, members, positions = {}, {}, {}
+    for patient, slices in groups.items():
+        members[patient] = [case for _, case in slices]
+        positions[patient] = [z for z, _ in slices]
+        labelled = [sitk.GetArrayFromImage(sitk.ReadImage(str(info.label_path(case)))).any()
+                    for case in members[patient]]
+        volumes[patient] = [k for k, flag in enumerate(labelled) if flag]
+    return replace(info, slice_cases=[], volumes=volumes, members=members, positions=positions)
+
+
+def stack_slices(images: Sequence[sitk.Image]) -> sitk.Image:
+    """One-slice images stacked along k, with the first one's in-plane geometry and slice spacing.
+
+    The stack's k is an order, not a distance (a sparse volume's slices are not evenly spaced); the real slice
+    indices travel beside it (``DatasetInfo.positions``), which is what fill-between reads."""
+    first = as_3d(images[0])
+    slices = [as_3d(image)[:, :, 0] for image in images]
+    stacked = sitk.JoinSeries(slices, first.GetOrigin()[2], first.GetSpacing()[2])
+    stacked.SetOrigin(first.GetOrigin())
+    stacked.SetDirection(first.GetDirection())
+    return stacked
 
 
 def as_3d(image: sitk.Image) -> sitk.Image:
@@ -112,6 +152,12 @@ class UnitStore:
 
     def prepare_volume(self, case: str) -> None:
         if self.image_file(case).is_file() and self.label_file(case).is_file():
+            return
+        if case in self.info.members:
+            cases = self.info.members[case]
+            image = stack_slices([sitk.ReadImage(str(self.info.image_path(c))) for c in cases])
+            labels = stack_slices([sitk.ReadImage(str(self.info.label_path(c))) for c in cases])
+            self._write(case, image, labels)
             return
         image = as_3d(sitk.ReadImage(str(self.info.image_path(case))))
         labels = as_3d(sitk.ReadImage(str(self.info.label_path(case))))

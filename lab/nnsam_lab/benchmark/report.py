@@ -6,6 +6,12 @@ Aggregation (stated in every report):
 - an *item* is a test slice (labelled-slices protocol) or a volume (in-volume protocol: the mean over its
   scored slices);
 - table cells are mean ± sample SD over items, pooled over seeds.
+
+In-volume reports lead with the clinician's measure: per volume, the 3D Dice of each structure over all its scored
+(labelled, not annotated) slices, their voxels pooled, then the mean over the headline structures, then mean ± SD
+over volumes. The per-slice 2D mean stands beside it: it scores a stray blob on a slice where a structure is absent
+as 0 for that slice, while the pooled 3D Dice weighs it by its voxels. Both are also split into the slices between
+the first and last annotated slice and those outside them, where filling between slices gives nothing.
 """
 
 from __future__ import annotations
@@ -22,9 +28,12 @@ import numpy as np
 from .splits import Unit
 
 METRICS = (("dice", "Dice (%)"), ("asd_mm", "ASD (mm)"))
-METHOD_ORDER = ("nnsam", "nnunet", "nnsam-random", "nnsam-recomputed")
+METHOD_ORDER = ("fill-between", "nnsam", "nnunet", "nnsam-random", "nnsam-recomputed")
 METHOD_LABELS = {"nnsam": "nnSAM", "nnunet": "nnU-Net", "nnsam-random": "nnSAM (random encoder)",
-                 "nnsam-recomputed": "nnSAM (embeddings recomputed every step)"}
+                 "nnsam-recomputed": "nnSAM (embeddings recomputed every step)",
+                 "fill-between": "Fill between slices"}
+BASELINE = "fill-between"     # the clinician's baseline, every in-volume method is compared with it
+REGIONS = ("all", "inside", "outside")
 
 
 def load_runs(report_dir: Path) -> list[dict]:
@@ -127,6 +136,135 @@ class Results:
         return {"mean": mean, "sd": sd, "n": n, "better": sum(d > 0 for d in diffs),
                 "worse": sum(d < 0 for d in diffs), "patients": len(per_patient),
                 "patients_better": sum(d > 0 for d in per_patient), "patients_worse": sum(d < 0 for d in per_patient)}
+
+
+# --------------------------------------------------------------------------------------------- in-volume scores
+def _intersection(c: dict) -> int:
+    """Voxels a slice's prediction and ground truth share for one class, from its Dice and the two voxel counts
+    (Dice = 200 |P ∩ G| / (|P| + |G|), recorded at full precision), so report folders written before this measure
+    existed are read as they are."""
+    total = c["gt_voxels"] + c["pred_voxels"]
+    if total == 0 or c["dice"] is None or math.isnan(c["dice"]):
+        return 0
+    return int(round(c["dice"] * total / 200.0))
+
+
+def slice_region(k: int, annotated: Sequence[int]) -> str:
+    """"inside" for a slice strictly between the first and last annotated slice, else "outside"."""
+    return "inside" if min(annotated) < k < max(annotated) else "outside"
+
+
+def volume_scores(run: dict, values: Sequence[str], headline: Sequence[str]) -> dict:
+    """One in-volume run's scores per region (all scored slices, inside and outside the annotated range).
+
+    ``dice3d[region][value]``: 3D Dice of one structure over the region's slices, voxels pooled (NaN when the
+    structure is in neither prediction nor ground truth there); ``dice3d[region]["headline"]``: its mean over the
+    headline structures. ``dice2d[region]``: the per-slice 2D mean over the headline structures, then over the
+    region's slices. ``counts[region][value]``: pooled (gt, pred, intersection) voxels."""
+    pooled = {r: {v: [0, 0, 0] for v in values} for r in REGIONS}
+    per_slice = {r: [] for r in REGIONS}
+    slices = {r: 0 for r in REGIONS}
+    for score in run["scores"]:
+        region = slice_region(score["k"], run["annotated_slices"])
+        for r in ("all", region):
+            slices[r] += 1
+            per_slice[r].append(_nanmean([score["classes"][v]["dice"] for v in headline]))
+            for v in values:
+                c = score["classes"][v]
+                counts = pooled[r][v]
+                counts[0] += c["gt_voxels"]
+                counts[1] += c["pred_voxels"]
+                counts[2] += _intersection(c)
+    dice3d = {}
+    for r in REGIONS:
+        per_class = {v: (200.0 * i / (g + p) if g + p else float("nan")) for v, (g, p, i) in pooled[r].items()}
+        dice3d[r] = {**per_class, "headline": _nanmean([per_class[v] for v in headline])}
+    return {"dice3d": dice3d, "dice2d": {r: _nanmean(per_slice[r]) for r in REGIONS}, "slices": slices,
+            "counts": pooled}
+
+
+class VolumeResults:
+    """In-volume scores per run: (method, k, seed, volume) -> :func:`volume_scores`, plus each run's time."""
+
+    def __init__(self, runs: Sequence[dict], class_names: Sequence[str], headline: Sequence[str]):
+        self.runs = [r for r in runs if r.get("protocol") == "in-volume"]
+        self.class_names = list(class_names)
+        self.values = {name: str(i) for i, name in enumerate(class_names, start=1)}
+        self.headline = [self.values[c] for c in headline]
+        self.entries = {(r["method"], r["size"], r["seed"], r["volume"]):
+                        volume_scores(r, list(self.values.values()), self.headline) for r in self.runs}
+        self.times = {(r["method"], r["size"], r["seed"], r["volume"]):
+                      (float(r["train_seconds"]), float(r["predict_seconds"])) for r in self.runs}
+
+    @property
+    def methods(self) -> list[str]:
+        return methods_in(self.runs)
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted({r["size"] for r in self.runs})
+
+    @property
+    def volumes(self) -> list[str]:
+        return sorted({r["volume"] for r in self.runs})
+
+    def value(self, key: tuple, metric: str, region: str = "all", cls: str = "headline") -> float:
+        entry = self.entries[key]
+        return entry["dice3d"][region][cls] if metric == "dice3d" else entry["dice2d"][region]
+
+    def cell(self, method: str, k: int, metric: str, region: str = "all", cls: str = "headline"
+             ) -> tuple[float, float, int]:
+        """mean ± SD over volumes (pooled over seeds); volumes with no slice in ``region`` are left out."""
+        return _mean_sd([self.value(key, metric, region, cls) for key in self.entries
+                         if key[0] == method and key[1] == k and self.entries[key]["slices"][region]])
+
+    def slice_count(self, method: str, k: int, region: str) -> int:
+        return sum(e["slices"][region] for key, e in self.entries.items() if key[0] == method and key[1] == k)
+
+    def paired(self, method: str, baseline: str, k: int, metric: str, region: str = "all") -> Optional[dict]:
+        """Per (seed, volume) differences method - baseline on the volumes both scored."""
+        diffs = []
+        for key in self.entries:
+            if key[0] != method or key[1] != k:
+                continue
+            other = (baseline, *key[1:])
+            if other not in self.entries or not self.entries[key]["slices"][region]:
+                continue
+            a, b = self.value(key, metric, region), self.value(other, metric, region)
+            if not (math.isnan(a) or math.isnan(b)):
+                diffs.append(a - b)
+        if not diffs:
+            return None
+        mean, sd, n = _mean_sd(diffs)
+        return {"mean": mean, "sd": sd, "n": n, "better": sum(d > 0 for d in diffs),
+                "worse": sum(d < 0 for d in diffs)}
+
+    def time_cell(self, method: str, k: int) -> dict:
+        chosen = [t for key, t in self.times.items() if key[0] == method and key[1] == k]
+        return {"train": _mean_sd([t[0] for t in chosen]), "segment": _mean_sd([t[1] for t in chosen]),
+                "total": _mean_sd([t[0] + t[1] for t in chosen]), "runs": len(chosen)}
+
+
+def write_volume_csv(path: Path, results: VolumeResults) -> None:
+    """Every in-volume run's 3D Dice per structure and region, with the pooled voxel counts."""
+    names = {v: n for n, v in results.values.items()}
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "annotated", "seed", "volume", "region", "slices", "class_value", "class",
+                         "dice3d", "gt_voxels", "pred_voxels", "intersection_voxels", "dice2d_slice_mean_headline",
+                         "train_seconds", "segment_seconds"])
+        for key in sorted(results.entries, key=lambda k: (k[1], k[2], _method_rank(k[0]), k[3])):
+            entry = results.entries[key]
+            train, segment = results.times[key]
+            for region in REGIONS:
+                for value, (g, p, i) in entry["counts"][region].items():
+                    writer.writerow([*key, region, entry["slices"][region], value, names[value],
+                                     _csv_num(entry["dice3d"][region][value]), g, p, i,
+                                     _csv_num(entry["dice2d"][region]), f"{train:.3f}", f"{segment:.3f}"])
+
+
+def _method_rank(method: str) -> int:
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
 
 
 def write_csv(path: Path, runs: Sequence[dict], class_names: Sequence[str]) -> None:
@@ -318,7 +456,13 @@ def write_report(report_dir, report_classes: Optional[Sequence[str]] = None) -> 
 
     sizes = results.sizes
     head = ", ".join(headline)
-    lines += ["", f"## Table 1: mean over {head} ({item_word}; mean ± SD)", ""]
+    if protocol != "slices":
+        volume_results = VolumeResults(runs, class_names, headline)
+        paths["volumes_csv"] = report_dir / "volumes.csv"
+        write_volume_csv(paths["volumes_csv"], volume_results)
+        lines += _in_volume_sections(volume_results, headline)
+    lines += ["", f"## Table 1: mean over {head} ({item_word}; mean ± SD)"
+              + ("; per-slice 2D scores" if protocol != "slices" else ""), ""]
     for metric, label in METRICS:
         lines += [f"**{label}**", ""]
         lines += _table(["Method"] + [f"{n} {'slices' if protocol == 'slices' else 'annotated'}" for n in sizes],
@@ -344,14 +488,13 @@ def write_report(report_dir, report_classes: Optional[Sequence[str]] = None) -> 
 
     lines += ["## Runs", ""]
     run_rows = []
-    for r in sorted(runs, key=lambda r: (r["size"], r["seed"], METHOD_ORDER.index(r["method"])
-                                         if r["method"] in METHOD_ORDER else 9, r.get("volume", ""))):
+    for r in sorted(runs, key=lambda r: (r["size"], r["seed"], _method_rank(r["method"]), r.get("volume", ""))):
         items = {s["item"] for s in r["scores"]}
         head_dice = _nanmean([results.items[(r["method"], r["size"], r["seed"], i)]["dice"]["headline"]
                               for i in items])
         run_rows.append([METHOD_LABELS.get(r["method"], r["method"]), str(r["size"]), str(r["seed"]),
-                         r.get("volume", "") or ", ".join(r["train_units"]), str(r["iterations"]),
-                         str(r["batch_size"]), f"{r['train_seconds']:.0f}", f"{r['predict_seconds']:.0f}",
+                         r.get("volume", "") or ", ".join(r["train_units"]), _or_dash(r["iterations"]),
+                         _or_dash(r["batch_size"]), f"{r['train_seconds']:.0f}", f"{r['predict_seconds']:.1f}",
                          str(len(r["scores"])), f"{head_dice:.2f}"])
     lines += _table(["Method", "size", "seed", "volume" if protocol != "slices" else "training slices", "iterations",
                      "batch", "train s", "predict s", "slices scored", "mean Dice"], run_rows)
@@ -378,8 +521,119 @@ def write_report(report_dir, report_classes: Optional[Sequence[str]] = None) -> 
               "- Every method of one size and seed trained on the same slices with the same seed, preset and "
               "iteration count; test slices never trained anything and nothing was tuned on them.",
               f"- Every case and class: [{paths['csv'].name}]({paths['csv'].name})."]
+    if protocol != "slices":
+        lines += ["- 3D Dice per structure: for each volume and structure, 200 |P ∩ G| / (|P| + |G|) over the voxels "
+                  "of all its scored slices pooled (a structure in neither is not scored); then the mean over "
+                  f"{head}, then mean ± SD over volumes. Slices inside: strictly between the first and last "
+                  "annotated slice; outside: the others. Every volume, structure and region: "
+                  f"[{paths['volumes_csv'].name}]({paths['volumes_csv'].name}).",
+                  "- Fill between slices: ITK's morphological contour interpolation of the annotated slices along "
+                  "the slice axis (Slicer's effect), the annotated slices kept as painted; it trains nothing, so "
+                  "its time is all segmentation."]
     paths["report"].write_text("\n".join(lines) + "\n")
     return paths
+
+
+def _or_dash(value) -> str:
+    return "–" if value is None else str(value)
+
+
+def _in_volume_sections(vr: VolumeResults, headline: Sequence[str]) -> list[str]:
+    """The in-volume report's lead: 3D Dice per structure beside the per-slice 2D mean, inside and outside the
+    annotated range, every method against fill between slices, time per run, and the per-volume table."""
+    head = ", ".join(headline)
+    sizes, methods = vr.sizes, vr.methods
+    lines = ["", f"## Headline: 3D Dice per structure over the unpainted labelled slices (%; mean over {head}, then "
+             "mean ± SD over volumes)", "",
+             "Beside it, the per-slice 2D mean (Table 1's Dice): the mean over the structures scored on each slice, "
+             "then over the slices.", ""]
+    header = ["Method"]
+    for k in sizes:
+        header += [f"{k} annotated: 3D Dice", f"{k} annotated: 2D per-slice"]
+    rows = []
+    for m in methods:
+        row = [METHOD_LABELS.get(m, m)]
+        for k in sizes:
+            row += [_fmt(vr.cell(m, k, "dice3d")), _fmt(vr.cell(m, k, "dice2d"))]
+        rows.append(row)
+    lines += _table(header, rows) + [""]
+
+    lines += ["### Inside and outside the annotated range", "",
+              "Inside: slices strictly between the first and last annotated slice; outside: before the first or after "
+              "the last (where filling between slices gives nothing). Mean ± SD over the volumes that have such "
+              "slices.", ""]
+    rows = []
+    for k in sizes:
+        for m in methods:
+            rows.append([str(k), METHOD_LABELS.get(m, m),
+                         f"{vr.slice_count(m, k, 'inside')} / {vr.slice_count(m, k, 'outside')}",
+                         _fmt(vr.cell(m, k, "dice3d", "inside")), _fmt(vr.cell(m, k, "dice3d", "outside")),
+                         _fmt(vr.cell(m, k, "dice2d", "inside")), _fmt(vr.cell(m, k, "dice2d", "outside"))])
+    lines += _table(["annotated", "Method", "slices inside / outside", "3D Dice inside", "3D Dice outside",
+                     "2D per-slice inside", "2D per-slice outside"], rows) + [""]
+
+    if BASELINE in methods and len(methods) > 1:
+        lines += ["### Paired differences against fill between slices (same volume, same seed)", "",
+                  "Points of Dice, method minus fill between slices; better / worse counts volumes.", ""]
+        rows = []
+        for k in sizes:
+            for m in methods:
+                if m == BASELINE:
+                    continue
+                cells = []
+                for metric in ("dice3d", "dice2d"):
+                    for region in REGIONS:
+                        p = vr.paired(m, BASELINE, k, metric, region)
+                        cells.append("–" if p is None else
+                                     f"{p['mean']:+.2f}" + ("" if math.isnan(p["sd"]) else f" ± {p['sd']:.2f}")
+                                     + f" ({p['better']} / {p['worse']})")
+                rows.append([str(k), METHOD_LABELS.get(m, m), *cells])
+        lines += _table(["annotated", "Method", "3D Dice", "3D Dice inside", "3D Dice outside", "2D per-slice",
+                         "2D per-slice inside", "2D per-slice outside"], rows) + [""]
+
+    lines += ["### Time per run (seconds; training + segmentation of one volume, mean ± SD over runs)", ""]
+    rows = []
+    for k in sizes:
+        for m in methods:
+            t = vr.time_cell(m, k)
+            if t["runs"]:
+                rows.append([str(k), METHOD_LABELS.get(m, m), str(t["runs"]), _fmt_s(t["train"]),
+                             _fmt_s(t["segment"]), _fmt_s(t["total"])])
+    lines += _table(["annotated", "Method", "runs", "training s", "segmentation s", "total s"], rows) + [""]
+
+    lines += ["### 3D Dice per structure (%; mean ± SD over volumes)", ""]
+    classes = vr.class_names
+    rows = [[str(k), METHOD_LABELS.get(m, m)] + [_fmt(vr.cell(m, k, "dice3d", cls=vr.values[c])) for c in classes]
+            for k in sizes for m in methods if vr.cell(m, k, "dice3d")[2]]
+    lines += _table(["annotated", "Method", *classes], rows) + [""]
+
+    lines += ["### Per volume (3D Dice / 2D per-slice mean, %; first seed)", ""]
+    columns = [(m, k) for k in sizes for m in methods]
+    rows = []
+    for volume in vr.volumes:
+        row = [volume]
+        for m, k in columns:
+            keys = sorted(key for key in vr.entries if key[0] == m and key[1] == k and key[3] == volume)
+            if not keys:
+                row.append("–")
+                continue
+            e = vr.entries[keys[0]]
+            row.append(f"{_num(e['dice3d']['all']['headline'])} / {_num(e['dice2d']['all'])}")
+        rows.append(row)
+    lines += _table(["volume", *[f"{METHOD_LABELS.get(m, m)}, {k} annotated" for m, k in columns]], rows) + [""]
+    return lines
+
+
+def _num(value: float) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.1f}"
+
+
+def _fmt_s(stats: tuple[float, float, int]) -> str:
+    mean, sd, n = stats
+    if n == 0:
+        return "–"
+    digits = 2 if mean < 10 else 0
+    return f"{mean:.{digits}f}" + ("" if math.isnan(sd) else f" ± {sd:.{digits}f}")
 
 
 def _expected_runs(state: dict, protocol: str) -> set:
@@ -413,7 +667,8 @@ def _test_patients(state: dict) -> dict:
 
 def _paired_section(results, sizes) -> list[str]:
     """Paired Dice differences on the same items: each method against nnU-Net, and nnSAM against its controls."""
-    comparisons = [(m, "nnunet", "") for m in results.methods if m != "nnunet" and "nnunet" in results.methods]
+    comparisons = [(m, "nnunet", "") for m in results.methods
+                   if m not in ("nnunet", BASELINE) and "nnunet" in results.methods]
     comparisons += [c for c in CONTROL_COMPARISONS if c[0] in results.methods and c[1] in results.methods]
     rows = []
     for method, baseline, question in comparisons:
@@ -488,11 +743,16 @@ def _setup_section(state: dict, runs: Sequence[dict], protocol: str) -> list[str
                   f"{', '.join(pool)}."]
     else:
         ann = state.get("annotated", {})
+        positions = state.get("positions", {})
         lines += ["- In-volume protocol: per volume, k evenly spaced labelled slices are the only annotation; the "
                   "model fine-tuned on them segments the volume; the labelled slices not annotated are scored.",
                   "- Volumes and annotated slices: " + "; ".join(
                       f"{v} " + ", ".join(f"k={k}: {sl}" for k, sl in ks.items()) for v, ks in sorted(ann.items()))
                   + "."]
+        if positions:
+            lines += ["- Sparse volumes: each patient's one-slice cases stacked in slice order (the slice numbers "
+                      "above index that stack); their slice indices in the scan, where fill between slices places "
+                      "them: " + "; ".join(f"{v} {p}" for v, p in sorted(positions.items())) + "."]
     lines += ["", "Invocations:", ""]
     for inv in state.get("invocations", []):
         lines += [f"- {inv['date']} on {inv['machine']}" + (f" ({inv['note']})" if inv.get("note") else "") + ":",

@@ -33,8 +33,9 @@ from typing import Callable, Optional, Sequence
 import SimpleITK as sitk
 
 from nnsam_core.errors import NNSAMError
-from nnsam_core.methods import DEFAULT_RECOMPUTE_SHARE, LEGACY_RECOMPUTE_SHARE, METHODS
-from .data import DatasetInfo, UnitStore, pick_volumes, read_dataset
+from nnsam_core.methods import DEFAULT_RECOMPUTE_SHARE, LEGACY_RECOMPUTE_SHARE
+from .data import DatasetInfo, UnitStore, pick_volumes, read_dataset, with_sparse_volumes
+from .fill import BENCH_METHODS, FILL_BETWEEN, fill_between, load_itk
 from .splits import Unit, default_split_mode, evenly_spaced, make_split
 
 PROTOCOLS = ("slices", "in-volume")
@@ -86,7 +87,7 @@ class Settings:
     def nnsam_config(self, method: str):
         """The SAM branch of ``method`` under these settings (None: the method's own trainer as it is)."""
         chosen = {name: getattr(self, name) for name in self.SAM_BRANCH_FIELDS if getattr(self, name) is not None}
-        if method == "nnunet" or not chosen:
+        if method in ("nnunet", FILL_BETWEEN) or not chosen:
             return None
         from nnsam_core.training.registry import config_of_trainer, trainer_for
         base = config_of_trainer(trainer_for(method, self.encoder))
@@ -304,6 +305,7 @@ def run_slices_benchmark(dataset_dir, report_dir, plan: Plan, log: Optional[Log]
     """Labelled-slices protocol (the paper's Table 1): fixed test slices, nested training subsets."""
     report_dir = Path(report_dir)
     log = log or make_logger()
+    _check_methods(plan)
     info = read_dataset(dataset_dir)
     units = info.units()
     settings = plan.settings
@@ -384,25 +386,38 @@ def run_in_volume_benchmark(dataset_dir, report_dir, plan: Plan, count: Optional
     segment the volume and score the labelled slices that were not annotated."""
     report_dir = Path(report_dir)
     log = log or make_logger()
+    _check_methods(plan)
     info = read_dataset(dataset_dir)
     _check_classes(plan, info)
+    sparse = not info.volumes
+    if sparse:
+        # One-slice cases <patient>_<slice index>: each patient's labelled slices are that patient's sparse volume.
+        info = with_sparse_volumes(info)
     volumes = pick_volumes(info, count, plan.volumes or None, min_labelled=max(plan.annotated) + 1)
     plan.volumes = volumes
     annotated = {v: {str(k): evenly_spaced(info.volumes[v], k) for k in plan.annotated} for v in volumes}
+    positions = {v: info.positions[v] for v in volumes if v in info.positions}
     runs = [(seed, k, method, v) for seed in plan.seeds for k in plan.annotated for method in plan.methods
             for v in volumes]
-    log(f"{info.folder.name}: in-volume protocol on {len(volumes)} volumes ({', '.join(volumes)}), "
-        f"k = {plan.annotated}; {len(runs)} trainings")
+    log(f"{info.folder.name}: in-volume protocol on {len(volumes)} " + ("sparse volumes (one patient's one-slice "
+        "cases each)" if sparse else "volumes") + f" ({', '.join(volumes)}), k = {plan.annotated}; {len(runs)} runs")
     if dry_run:
         for v in volumes:
-            log(f"  {v}: labelled {info.volumes[v]}; annotated " +
+            where = f" at slice indices {positions[v]}" if v in positions else ""
+            log(f"  {v}: labelled {info.volumes[v]}{where}; annotated " +
                 "; ".join(f"k={k}: {annotated[v][str(k)]}" for k in plan.annotated))
-        return {"volumes": volumes, "annotated": annotated, "runs": runs}
+        return {"volumes": volumes, "annotated": annotated, "positions": positions, "runs": runs}
     report_dir.mkdir(parents=True, exist_ok=True)
+
+    def amend(state: dict) -> None:
+        state.setdefault("annotated", {}).update(annotated)
+        if positions:
+            state.setdefault("positions", {}).update(positions)
+
     # Volumes and their annotated slices are not compared across invocations: adding volumes later is fine, and
     # each run records its own annotated slices.
     state = init_state(report_dir, plan, {"dataset_name": info.folder.name, "class_names": info.class_names},
-                       command, amend=lambda s: s.setdefault("annotated", {}).update(annotated))
+                       command, amend=amend)
     store = UnitStore(info, report_dir / "data", plan.settings.downsample)
     for v in volumes:
         store.prepare_volume(v)
@@ -423,23 +438,32 @@ def run_in_volume_benchmark(dataset_dir, report_dir, plan: Plan, count: Optional
                 "skipped")
             continue
         slices = annotated[volume][str(k)]
-        log(f"[{i}/{len(runs)}] {method} k={k} seed={seed} {volume}: training on slices {slices}")
         image, gt = store.read(volume)
+        if method == FILL_BETWEEN:
+            load_itk()
         started = time.monotonic()
-        bundle = _load_or_train(run_dir / "model", log, image=image, labels=gt, slices=slices,
-                                class_names=info.class_names, modality=info.channel_name, method=method,
-                                encoder=settings.encoder, preset=settings.preset, iterations=settings.iterations,
-                                device=settings.device, seed=seed, nnsam_config=settings.nnsam_config(method),
-                                progress=_train_progress(log))
-        trained = time.monotonic()
-        pred = Segmenter(bundle, settings.device).segment(image)
+        if method == FILL_BETWEEN:
+            log(f"[{i}/{len(runs)}] {method} k={k} seed={seed} {volume}: filling between slices {slices}")
+            pred = _fill_between_image(gt, slices, positions.get(volume))
+            record = _fill_record(started)
+        else:
+            log(f"[{i}/{len(runs)}] {method} k={k} seed={seed} {volume}: training on slices {slices}")
+            bundle = _load_or_train(run_dir / "model", log, image=image, labels=gt, slices=slices,
+                                    class_names=info.class_names, modality=info.channel_name, method=method,
+                                    encoder=settings.encoder, preset=settings.preset, iterations=settings.iterations,
+                                    device=settings.device, seed=seed, nnsam_config=settings.nnsam_config(method),
+                                    progress=_train_progress(log))
+            trained = time.monotonic()
+            pred = Segmenter(bundle, settings.device).segment(image)
+            record = _run_record(bundle, started, trained)
         write_image_atomically(sitk.Cast(pred, sitk.sitkUInt8), run_dir / "prediction.nii.gz")
         scores = [{"item": volume, "unit": f"{volume}_z{s['k']:03d}", "case": volume, "k": s["k"],
                    "classes": s["classes"]} for s in _score(pred, gt, values, exclude=slices)]
         metrics = {"protocol": "in-volume", "method": method, "size": k, "seed": seed, "volume": volume,
                    "train_units": [f"{volume}_z{s:03d}" for s in slices], "annotated_slices": slices,
                    "scored_slices": [s["k"] for s in scores],
-                   **_run_record(bundle, started, trained), "scores": scores}
+                   **({"slice_positions": positions[volume]} if volume in positions else {}),
+                   **record, "scores": scores}
         _finish_run(run_dir, metrics, plan.keep_models)
         lock.close()
         done += 1
@@ -450,6 +474,22 @@ def run_in_volume_benchmark(dataset_dir, report_dir, plan: Plan, count: Optional
     log(f"report: {paths['report']}")
     return {"volumes": volumes, "annotated": annotated, "runs": runs, "trained": done, "report": paths,
             "state": state}
+
+
+def _fill_between_image(gt: sitk.Image, painted: Sequence[int], positions: Optional[Sequence[int]]) -> sitk.Image:
+    """Fill between the painted slices of ``gt`` (the clinician's baseline), on ``gt``'s grid."""
+    filled = fill_between(sitk.GetArrayFromImage(gt), painted, positions)
+    pred = sitk.GetImageFromArray(filled)
+    pred.CopyInformation(gt)
+    return pred
+
+
+def _fill_record(started: float) -> dict:
+    """A fill-between run's metrics.json facts, in the networks' fields: nothing trains, so all its time is
+    segmentation."""
+    return {"train_seconds": 0.0, "predict_seconds": round(time.monotonic() - started, 3), "iterations": None,
+            "batch_size": None, "device": "cpu", "nnsam_config": None,
+            "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
 def _interim_report(report_dir: Path, plan: Plan, last: float, every_s: float = 120.0) -> float:
@@ -463,12 +503,19 @@ def _interim_report(report_dir: Path, plan: Plan, last: float, every_s: float = 
     return now
 
 
+def _check_methods(plan: Plan) -> None:
+    for method in plan.methods:
+        if method not in BENCH_METHODS:
+            raise NNSAMError(f"unknown method '{method}'; choose from {', '.join(BENCH_METHODS)}")
+    if plan.settings.protocol != "in-volume" and FILL_BETWEEN in plan.methods:
+        raise NNSAMError("fill-between interpolates between the annotated slices of one volume, so it runs in the "
+                         "in-volume protocol only; add --in-volume or drop it from --methods")
+
+
 def _check_classes(plan: Plan, info: DatasetInfo) -> None:
     if plan.report_classes:
         unknown = [c for c in plan.report_classes if c not in info.class_names]
         if unknown:
             raise NNSAMError(f"--classes {unknown} are not classes of {info.folder.name} "
                              f"({', '.join(info.class_names)})")
-    for method in plan.methods:
-        if method not in METHODS:
-            raise NNSAMError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+    _check_methods(plan)

@@ -69,6 +69,27 @@ def patient_ids(slice_cases: Sequence[str]) -> Optional[dict[str, str]]:
     return found
 
 
+def sparse_volumes(slice_cases: Sequence[str]) -> Optional[dict[str, list[tuple[int, str]]]]:
+    """Patient -> [(slice index, case)] ordered by slice index, for one-slice cases named ``<patient>_<digits>``
+    (the digits are the slice's index in the patient's scan); None unless every name fits.
+
+    Ordered by the number, not the name ("63" before "179"), and two cases of one patient at the same index are
+    refused: a patient's slices become one sparse volume whose slices must have distinct places."""
+    ids = patient_ids(slice_cases)
+    if not ids:
+        return None
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for case, patient in ids.items():
+        groups.setdefault(patient, []).append((int(_PATIENT_SUFFIX.match(case)["slice"]), case))
+    for patient, members in groups.items():
+        members.sort()
+        indices = [z for z, _ in members]
+        if len(set(indices)) != len(indices):
+            raise NNSAMError(f"patient {patient} has two one-slice cases at the same slice index; "
+                             "case names must be <patient>_<slice index>")
+    return dict(sorted(groups.items()))
+
+
 def make_units(slice_cases: Sequence[str], volumes: dict[str, Sequence[int]]) -> list[Unit]:
     """Units from one-slice case names and volume case -> labelled slice indices."""
     ids = patient_ids(slice_cases) if slice_cases else {}

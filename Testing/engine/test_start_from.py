@@ -1,0 +1,104 @@
+"""Adapting a saved model to the next scan (--start-from): the network starts from the parent's weights, training
+changes them, the parent is never modified, the new bundle records its parent, and mismatches are refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnsam_core.cli import main
+
+
+def _hashes(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_adapting_starts_from_the_parents_weights_and_leaves_the_parent_untouched(trained, chest_ct, tmp_path,
+                                                                                   monkeypatch):
+    from nnsam_core import fine_tune
+    from nnsam_core.training.fewshot import nnUNetTrainerFewShot
+
+    parent, _ = trained
+    before = _hashes(Path(parent.path))
+    at_start = {}
+    initialize = nnUNetTrainerFewShot.initialize
+
+    def spying_initialize(self):
+        initialize(self)
+        module = self.network
+        at_start.update({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+    monkeypatch.setattr(nnUNetTrainerFewShot, "initialize", spying_initialize)
+    child = fine_tune(*chest_ct, output=tmp_path / "adapted", slices=[12, 18], start_from=parent.path,
+                      iterations=2, device="cpu")
+    assert at_start and all(torch.equal(at_start[k], parent.network_weights[k].to(at_start[k].dtype))
+                            for k in parent.network_weights)  # not random: the parent's weights
+    changed = [k for k in parent.network_weights if k.endswith(".weight") and
+               not torch.equal(child.network_weights[k], parent.network_weights[k])]
+    assert changed  # training moved them
+    # the statistics the parent's decoder learned with come along unchanged
+    assert torch.equal(child.network_weights["embedding_mean"], parent.network_weights["embedding_mean"])
+    assert _hashes(Path(parent.path)) == before
+    record = child.manifest["training"]["start_from"]
+    assert record["id"] == hashlib.sha256(json.dumps(parent.manifest, sort_keys=True).encode()).hexdigest()
+    assert record["name"] == Path(parent.path).name and child.manifest["training"]["iterations"] == 2
+    assert child.plans["configurations"]["2d"]["patch_size"] == parent.plans["configurations"]["2d"]["patch_size"]
+    assert child.class_names == parent.class_names and child.nnsam_config == parent.nnsam_config
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--encoder", "mobilesam"], "uses the litemedsam encoder, not mobilesam"),
+    (["--method", "nnunet"], "trained with method nnsam, not nnunet"),
+    (["--class-names", "A,B,C,D,E,F,G"], "paint the same classes"),
+    (["--max-size", "64"], "leave out --max-size"),
+])
+def test_a_mismatched_start_is_refused_before_any_work(trained, chest_ct, tmp_path, capsys, extra, message):
+    parent, _ = trained
+    out = tmp_path / "adapted"
+    code = main(["train", *chest_ct, "-o", str(out), "--slices", "12", "--start-from", str(parent.path),
+                 "--device", "cpu", "--progress", "none", *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_unreadable_start_is_refused(chest_ct, tmp_path, capsys):
+    code = main(["train", *chest_ct, "-o", str(tmp_path / "m"), "--slices", "12", "--start-from",
+                 str(tmp_path / "missing_model")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--start-from" in err and "does not exist" in err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("seconds, expected", [(0.0, list(range(9))), (1e9, [])])
+def test_fine_tune_checkpoints_by_the_clock(monkeypatch, seconds, expected):
+    """Between checkpoints at least checkpoint_seconds pass (nnU-Net always writes the final one itself)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnsam_core.training.fewshot import nnUNetTrainerFewShot
+
+    saved = []
+
+    def epoch_end(self):  # the part of nnU-Net's on_epoch_end that matters here
+        if (self.current_epoch + 1) % self.save_every == 0 and self.current_epoch != self.num_epochs - 1:
+            saved.append(self.current_epoch)
+        self.current_epoch += 1
+
+    monkeypatch.setattr(nnUNetTrainer, "on_epoch_end", epoch_end)
+    trainer = object.__new__(nnUNetTrainerFewShot)
+    trainer.current_epoch, trainer.progress_plot = 0, "never"
+    trainer.set_schedule(250)  # 10 epochs of 25
+    trainer.checkpoint_seconds, trainer._last_checkpoint_at = seconds, 0.0
+
+    class Logger:
+        def plot_progress_png(self, folder):
+            pass
+
+    trainer.logger = Logger()
+    for _ in range(trainer.num_epochs):
+        trainer.on_epoch_end()
+    assert saved == expected
