@@ -152,7 +152,10 @@ class nnUNetTrainerNNSAM(nnUNetTrainerFewShot):
             "encoder": {"name": config.encoder, "pretrained": config.pretrained,
                         "weights_sha256": self.sam_encoder.weights_sha256 if self.sam_encoder is not None else None,
                         "random_seed": None if config.pretrained else config.random_seed,
-                        "input_size": get_spec(config.encoder).input_size},
+                        "input_size": get_spec(config.encoder).input_size,
+                        # how the training embeddings were computed (segmenting may use another precision)
+                        "precision": ("bfloat16-autocast" if self.device.type == "cuda" or
+                                      getattr(self.sam_encoder, "cpu_precision", None) == "bfloat16" else "float32")},
             "nnsam_config": config.as_dict(),
             "injection": {"skip_index": network.inject_skip, "target_stride": config.inject_stride,
                           "decoder_stage": network.decoder.inject_decoder_stage,
