@@ -122,7 +122,7 @@ def test_nnsam_train_passes_the_default_share_or_the_one_given(argv, share, monk
     seen = {}
     monkeypatch.setattr(finetune, "fine_tune", lambda *a, **kw: seen.update(kw))
     assert main(["train", "i.nrrd", "l.nrrd", "-o", str(tmp_path / "b"), *argv]) == 0
-    config = seen["nnsam_config"] or config_of_trainer(trainer_for(seen["method"], "litemedsam"))
+    config = seen["nnsam_config"] or config_of_trainer(trainer_for(seen["method"] or "nnsam", "litemedsam"))
     assert config.recompute_share == share and config.embeddings == "cached"
 
 

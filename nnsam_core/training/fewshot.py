@@ -21,6 +21,9 @@ class nnUNetTrainerFewShot(nnUNetTrainer):
     # When nnU-Net's progress.png is drawn: "checkpoints" (with every checkpoint and after the last epoch),
     # "end" (after the last epoch only) or "never" (nobody will look: the work folder is deleted afterwards).
     progress_plot = "checkpoints"
+    # Set: a resumable checkpoint at the end of the first epoch this many seconds after the last one (what
+    # fine_tune uses, so a stop loses about that much training on any machine); None: every save_every epochs.
+    checkpoint_seconds: Optional[float] = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -29,9 +32,6 @@ class nnUNetTrainerFewShot(nnUNetTrainer):
         self.set_schedule(self.default_iterations)
         self._steps_done = 0
         self._train_started_at: Optional[float] = None
-        # Set: a resumable checkpoint at the end of the first epoch this many seconds after the last one (what
-        # fine_tune uses, so a stop loses about that much training on any machine); None: every save_every epochs.
-        self.checkpoint_seconds: Optional[float] = None
         self._last_checkpoint_at = time.monotonic()
         # Set before training: the network starts from these weights (a saved model being adapted), not at random.
         self.initial_weights: Optional[dict] = None
