@@ -747,9 +747,7 @@ def _run_bench_speed(args) -> int:
     finally:
         if not args.keep_work_dir:
             shutil.rmtree(root, ignore_errors=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+    write_result_json(args.json, result)
     print(f"nnsam-lab bench-speed, {result['date_utc']}, device {device.type} "
           f"({machine.get('gpu') or machine.get('cpu', '')}, {machine['cpu_count']} cores, "
           f"{machine['torch_threads']} torch threads), data: {source.description}, encoder {args.encoder}"
@@ -757,6 +755,13 @@ def _run_bench_speed(args) -> int:
     print(format_table(result))
     print(f"train_step_ratio={headline_train_step_ratio(result['training_iteration']):.4f}", flush=True)
     return 0
+
+
+def write_result_json(path: Optional[str], result: dict) -> None:
+    """Every number of a run as JSON at ``path`` (nothing when no path was asked for)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2, default=str))
 
 
 def add_bench_speed_parser(subparsers) -> argparse.ArgumentParser:

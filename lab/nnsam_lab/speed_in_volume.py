@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import json
 import os
 import shutil
 import sys
@@ -252,7 +251,6 @@ def _foreground_dice(predicted, truth, painted) -> Optional[float]:
 
 
 def run_in_volume(args) -> int:
-    from nnsam_core.config import NNSAMConfig
     from nnsam_core.devices import resolve_device
     from nnsam_core.encoders import resolve_cpu_precision
     from nnsam_core.errors import NNSAMError
@@ -261,7 +259,8 @@ def run_in_volume(args) -> int:
     from nnsam_core.training.nnsam import nnUNetTrainerNNSAM
     from nnsam_core.training.registry import config_of_trainer
 
-    from .speed import SliceSource, _machine, annotated_indices, find_chd_dataset, on_encoder
+    from .speed import (SliceSource, _machine, annotated_indices, find_chd_dataset, on_encoder,
+                        write_result_json)
 
     device = resolve_device(args.device)
     if args.size < 32:
@@ -334,9 +333,7 @@ def run_in_volume(args) -> int:
     finally:
         if not args.keep_work_dir:
             shutil.rmtree(root, ignore_errors=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+    write_result_json(args.json, result)
     print(f"nnsam-lab bench-speed --scenario in-volume, {result['date_utc']}, device {device.type} "
           f"({machine.get('gpu') or machine.get('cpu', '')}, {machine['cpu_count']} cores, {machine['torch_threads']} "
           f"torch threads, load {', '.join(f'{x:.2f}' for x in machine.get('load_average_at_start') or [])}), "
