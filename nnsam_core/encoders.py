@@ -10,7 +10,7 @@ bilinearly resized to the encoder's square input size, then either fed as it is 
 z-scored intensities, roughly -2..3) or rescaled per slice to [0, 1] (``unit-range``, what MedSAM and LiteMedSAM
 were trained on: their pipeline min-max normalises each resized slice). SAM's ImageNet normalisation is not used.
 Each encoder's default is the one closest to its training input (``EncoderSpec.input_preparation``); a linear
-probe on CHD training slices agreed for LiteMedSAM (docs/benchmarks/probe_chd_ds4).
+probe on CHD training slices agreed for LiteMedSAM (docs/results.md).
 """
 
 from __future__ import annotations
