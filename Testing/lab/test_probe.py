@@ -1,4 +1,4 @@
-"""The linear probe behind docs/benchmarks/probe_chd_ds4: it must find information that is there, and only that."""
+"""The linear probe of encoder features (docs/results.md): it must find information that is there, and only that."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """``nnsam bench-speed`` end to end on a tiny configuration, and the encoder-call contract it measures:
 one encoder call per segmented slice, none per training iteration. Timings are never asserted here (the
-benchmark measures them; see docs/speed/)."""
+benchmark measures them; see docs/results.md)."""
 
 from __future__ import annotations
 
