@@ -530,3 +530,13 @@ def test_benchmark_folders_never_mix_runs_from_before_the_default_changed(tmp_pa
     init_state(tmp_path, plan(["nnunet"]), {}, "nnunet alone does not depend on it")
     commands = [i["command"] for i in json.loads((tmp_path / "benchmark.json").read_text())["invocations"]]
     assert commands == ["old", "as it was", "nnunet alone does not depend on it"]
+
+
+def test_the_sam_branch_line_describes_only_runs_that_have_one():
+    from nnsam_lab.benchmark.report import _sam_branch
+
+    runs = [{"method": "fill-between"}, {"method": "nnunet"},
+            {"method": "nnsam", "nnsam_config": {"sam_input": "unit-range", "inject_stride": 8,
+                                                 "recompute_share": 0.1}}]
+    line = _sam_branch(runs)
+    assert "`unit-range`" in line and "`nnunet`" not in line and "share 0.1 of" in line and "0 or" not in line

@@ -711,7 +711,7 @@ def _seed_section(results, sizes) -> list[str]:
 def _sam_branch(runs: Sequence[dict]) -> str:
     """SAM input and injection stage of the runs' SAM branches, e.g. "SAM input `unit-range`, injected at 1/8"."""
     # Runs recorded before metrics.json kept the SAM branch's settings all fed the z-scored slice at 1/8.
-    configs = [r.get("nnsam_config") or {} for r in runs if r["method"] != "nnunet"]
+    configs = [r.get("nnsam_config") or {} for r in runs if r["method"] not in ("nnunet", BASELINE)]  # no SAM branch
     inputs = sorted({c.get("sam_input", "nnunet") for c in configs})
     strides = sorted({int(c.get("inject_stride", 8)) for c in configs})
     cached = [c for c in configs if c.get("embeddings") != "recomputed"]  # the cache's options mean nothing else
