@@ -42,18 +42,18 @@ class Parent:
                 "created": manifest.get("created")}
 
 
-def load_parent(path: os.PathLike, method: str, encoder: str) -> Parent:
-    """The bundle to start from, refused in one line when its method or encoder is not the one asked for."""
+def load_parent(path: os.PathLike, method: Optional[str] = None, encoder: Optional[str] = None) -> Parent:
+    """The bundle to start from, refused in one line when a method or encoder asked for is not its own."""
     path = Path(path)
     try:
         bundle = Bundle.load(path)
     except NNSAMError as exc:
         raise NNSAMError(f"--start-from: {exc}") from None
-    if bundle.method != method:
+    if method is not None and bundle.method != method:
         raise NNSAMError(f"--start-from {path.name} was trained with method {bundle.method}, not {method}; "
                          f"adapt it with --method {bundle.method} or train afresh")
     config = bundle.nnsam_config
-    if config is not None and config.encoder != encoder:
+    if encoder is not None and config is not None and config.encoder != encoder:
         raise NNSAMError(f"--start-from {path.name} uses the {config.encoder} encoder, not {encoder}; adapt it with "
                          f"--encoder {config.encoder} or train afresh")
     return parent_checked(Parent(bundle, path))

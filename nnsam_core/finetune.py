@@ -90,8 +90,7 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
     if start_from is not None and max_size is not None:
         raise NNSAMError("--start-from keeps the saved model's working resolution; leave out --max-size")
     if start_from is not None:
-        parent = load_parent(start_from, method or _parent_method(start_from),
-                             encoder or _parent_encoder(start_from))
+        parent = load_parent(start_from, method, encoder)
         method, encoder = parent.bundle.method, (parent.config.encoder if parent.config else encoder)
         if nnsam_config is None and parent.config is not None:
             nnsam_config = parent.config
@@ -165,23 +164,6 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
     bundle = Bundle.load(output)
     progress(make_event("done", 1, 1, message=f"bundle written to {output}"))
     return bundle
-
-
-def _parent_method(path) -> str:
-    return _peek_manifest(path).get("method") or "nnsam"
-
-
-def _parent_encoder(path) -> str:
-    return ((_peek_manifest(path).get("nnsam_config") or {}).get("encoder")) or "litemedsam"
-
-
-def _peek_manifest(path) -> dict:
-    """The saved model's nnsam.json, read without checks (load_parent checks the whole bundle right after)."""
-    try:
-        data = json.loads((Path(path) / "nnsam.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def working_max_size(requested: Optional[int], preset: str, device: torch.device) -> Optional[int]:

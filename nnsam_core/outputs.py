@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from .bundle import MANIFEST, PAYLOAD_FILES
 from .errors import NNSAMError
 
-MANIFEST = "nnsam.json"
-BUNDLE_FILES = frozenset({MANIFEST, "plans.json", "dataset.json", "model.pth"})
+BUNDLE_FILES = frozenset({MANIFEST, *PAYLOAD_FILES})
 LABEL_MAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
