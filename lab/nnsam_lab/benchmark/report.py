@@ -69,7 +69,21 @@ def methods_in(runs: Sequence[dict]) -> list[str]:
     return [m for m in METHOD_ORDER if m in found] + sorted(found - set(METHOD_ORDER))
 
 
-class Results:
+class _RunsView:
+    """What both result views tell about their runs: the methods and the sizes (k) they hold."""
+
+    runs: list
+
+    @property
+    def methods(self) -> list[str]:
+        return methods_in(self.runs)
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted({r["size"] for r in self.runs})
+
+
+class Results(_RunsView):
     """Item-level scores: (method, size, seed, item) -> {class value: {metric: value}}, plus headline."""
 
     def __init__(self, runs: Sequence[dict], class_names: Sequence[str], headline: Sequence[str],
@@ -93,13 +107,6 @@ class Results:
                     entry[metric] = {**per_class, "headline": head}
                 self.items[(run["method"], run["size"], run["seed"], item)] = entry
 
-    @property
-    def methods(self) -> list[str]:
-        return methods_in(self.runs)
-
-    @property
-    def sizes(self) -> list[int]:
-        return sorted({r["size"] for r in self.runs})
 
     def cell(self, method: str, size: int, metric: str, key: str = "headline") -> tuple[float, float, int]:
         return _mean_sd([e[metric][key] for (m, n, _, _), e in self.items.items() if m == method and n == size])
@@ -183,7 +190,7 @@ def volume_scores(run: dict, values: Sequence[str], headline: Sequence[str]) -> 
             "counts": pooled}
 
 
-class VolumeResults:
+class VolumeResults(_RunsView):
     """In-volume scores per run: (method, k, seed, volume) -> :func:`volume_scores`, plus each run's time."""
 
     def __init__(self, runs: Sequence[dict], class_names: Sequence[str], headline: Sequence[str]):
@@ -196,13 +203,6 @@ class VolumeResults:
         self.times = {(r["method"], r["size"], r["seed"], r["volume"]):
                       (float(r["train_seconds"]), float(r["predict_seconds"])) for r in self.runs}
 
-    @property
-    def methods(self) -> list[str]:
-        return methods_in(self.runs)
-
-    @property
-    def sizes(self) -> list[int]:
-        return sorted({r["size"] for r in self.runs})
 
     @property
     def volumes(self) -> list[str]:
