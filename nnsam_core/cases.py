@@ -70,3 +70,9 @@ def constant_image_warning(image: sitk.Image) -> Optional[str]:
     if low == high:
         return f"every voxel of the image has the value {low:g}: the model can learn nothing from it; check the image"
     return None
+
+
+def volume_and_labels(image: ImageLike, labels: ImageLike, class_names: Sequence[str]) -> tuple[sitk.Image, np.ndarray]:
+    """The image as a volume and its label map as an array (Z, Y, X), read as for training."""
+    volume = _as_image(image, "image")
+    return volume, sitk.GetArrayFromImage(read_labels(labels, volume, class_names).image)

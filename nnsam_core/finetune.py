@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,8 +22,9 @@ from .config import NNSAMConfig
 from .devices import resolve_device
 from .errors import NNSAMError
 from .cases import ImageLike, cases_from_nnunet_dataset, cases_from_sparse_slices, constant_image_warning
-from .adapt import ADAPT_ITERATIONS, adapted_class_names, load_parent
+from .adapt import ADAPT_ITERATIONS, Parent, adapted_class_names, load_parent
 from .outputs import check_bundle_output
+from .postprocess import single_piece_classes
 from .progress import ProgressCallback, make_event, silent
 from .resume import check_same_inputs, config_as_started, fingerprint, record_inputs
 from .training.registry import config_of_trainer, trainer_for
@@ -61,7 +63,8 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
               device: str = "auto", seed: int = 0, modality: str = "CT", resume: bool = False,
               overwrite: bool = False, start_from: Optional[os.PathLike] = None,
               checkpoint_every: Optional[int] = None, keep_work_dir: bool = False, max_size: Optional[int] = None,
-              progress: ProgressCallback = silent, nnsam_config: Optional[NNSAMConfig] = None) -> Bundle:
+              progress: ProgressCallback = silent, nnsam_config: Optional[NNSAMConfig] = None,
+              whole_volume: Optional[bool] = None) -> Bundle:
     """Fine-tune on annotated slices (``image`` + ``labels``) or an nnU-Net raw dataset (``dataset_dir``) and
     write a bundle to ``output``. Returns the loaded bundle.
 
@@ -73,7 +76,10 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
     ``max_size``: largest in-plane size (pixels) nnU-Net trains at; None = the default (CPU_QUICK_MAX_SIZE for
     the quick preset on a CPU, otherwise the native resolution), 0 = always the native resolution.
     ``nnsam_config``: the SAM branch's settings (default: the method's trainer's own); the trainer records them.
-    ``checkpoint_every``: a resumable checkpoint every that many iterations (default: about every minute)."""
+    ``checkpoint_every``: a resumable checkpoint every that many iterations (default: about every minute).
+    ``whole_volume``: also learn from the scan's unpainted slices (self-training, a second round of half the
+    iterations) and keep structures painted as one piece to their largest 3D piece; None = DEFAULT_WHOLE_VOLUME
+    for painted slices of one image, never for a dataset folder or ``start_from``."""
     if preset not in PRESETS:
         raise NNSAMError(f"unknown preset '{preset}'; choose quick or full")
     if iterations is not None and iterations < 1:
@@ -118,52 +124,150 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
         names = adapted_class_names(parent, names)
         channel_names = parent.bundle.dataset_json.get("channel_names", channel_names)
     total = iterations or (ADAPT_ITERATIONS if parent else PRESETS[preset])
+    whole_volume = _resolve_whole_volume(whole_volume, dataset_dir, parent)
     record = fingerprint(cases, {"classes": names, "slices": trained_slices, "channels": channel_names,
                                  "trainer": trainer_class.__name__, "iterations": total, "max_size": max_size,
-                                 "seed": seed, "start_from": parent.record()["id"] if parent else None})
+                                 "seed": seed, "start_from": parent.record()["id"] if parent else None,
+                                 **({"whole_volume": True} if whole_volume else {})})
+    job = _Job(trainer_class, config, nnsam_config, names, channel_names, torch_device, seed, max_size, progress,
+               checkpoint_every, keep_work_dir)
 
     with exclusive_output(output):
-        workspace = Workspace(_work_dir_for(output))
-        checkpoint = workspace.output_folder(trainer_class.__name__) / "checkpoint_latest.pth"
-        resuming = resume and checkpoint.is_file()
-        if resuming:
-            check_same_inputs(workspace.root, record)
-            config = config_as_started(config, checkpoint.parent, nnsam_config)
-            progress(make_event("prepare", message=f"resuming from {checkpoint.name}"))
+        root = _work_dir_for(output)
+        if not resume and root.exists():
+            shutil.rmtree(root)
+        if whole_volume:
+            trainer, extra = _self_train(job, root, cases, trained_slices, record, total, resume, image, labels)
         else:
-            if workspace.root.exists():
-                shutil.rmtree(workspace.root)
-            write_raw_dataset(workspace, cases, names, channel_names)
-            record_inputs(workspace.root, record)
-            if parent is not None:
-                progress(make_event("plan", message=f"preparing {len(cases)} annotated slices as {parent.path.name}"
-                                    " was trained"))
-                plans = preprocess_with_plans(workspace, parent.bundle.plans)
-            else:
-                progress(make_event("plan", message=f"planning nnU-Net on {len(cases)} annotated slices"))
-                plans = plan_and_preprocess(workspace, max_size=max_size)
-            if torch_device.type == "cpu":
-                cap_batch_size(workspace, plans, CPU_BATCH_SIZE)
-
-        seed_everything(seed)
-        trainer = _run_trainer(workspace, trainer_class, config, torch_device, total, progress,
-                               checkpoint if resuming else None, checkpoint_every,
-                               progress_plot="end" if keep_work_dir else "never",
-                               initial_weights=parent.bundle.network_weights if parent and not resuming else None)
+            trainer = _train_round(job, Workspace(root), cases, record, total, resume, parent)
+            extra = {"start_from": parent.record()} if parent is not None else {}
 
         progress(make_event("save", message=f"writing bundle {output}"))
         manifest = _manifest(trainer, names, preset, seed, torch_device, trained_slices,
                              image if isinstance(image, (str, os.PathLike)) else None, dataset_dir, max_size)
-        if parent is not None:
-            manifest["training"]["start_from"] = parent.record()
-        network = trainer._network_module() if hasattr(trainer, "_network_module") else trainer.network
-        write_bundle(output, manifest, trainer.plans_manager.plans, trainer.dataset_json, network.state_dict(),
-                     trainer.inference_allowed_mirroring_axes)
+        manifest["training"].update({k: v for k, v in extra.items() if k != "postprocessing"})
+        if "postprocessing" in extra:
+            manifest["postprocessing"] = extra["postprocessing"]
+        _write_trained(trainer, output, manifest)
         if not keep_work_dir:
-            shutil.rmtree(workspace.root, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
     bundle = Bundle.load(output)
     progress(make_event("done", 1, 1, message=f"bundle written to {output}"))
     return bundle
+
+
+# Sparse painting of one volume trains on the volume's own unpainted slices too (self-training, see
+# selftraining.py) unless the caller says otherwise.
+DEFAULT_WHOLE_VOLUME = False
+
+
+def _resolve_whole_volume(requested: Optional[bool], dataset_dir, parent) -> bool:
+    if requested and dataset_dir is not None:
+        raise NNSAMError("whole-volume training needs one image with painted slices, not a dataset folder")
+    if requested and parent is not None:
+        raise NNSAMError("--start-from adapts on the painted slices alone; leave out whole-volume training")
+    if requested is None:
+        return DEFAULT_WHOLE_VOLUME and dataset_dir is None and parent is None
+    return requested
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every training round of one fine-tune shares."""
+
+    trainer_class: type
+    config: Optional[NNSAMConfig]
+    requested_config: Optional[NNSAMConfig]
+    names: list
+    channel_names: dict
+    device: torch.device
+    seed: int
+    max_size: Optional[int]
+    progress: ProgressCallback
+    checkpoint_every: Optional[int]
+    keep_work_dir: bool
+
+
+def _train_round(job: _Job, workspace: Workspace, cases, record: dict, total: int, resume: bool, parent=None):
+    """One nnU-Net training on ``cases`` in ``workspace``, resumed from its checkpoint when asked and present."""
+    checkpoint = workspace.output_folder(job.trainer_class.__name__) / "checkpoint_latest.pth"
+    resuming = resume and checkpoint.is_file()
+    config = job.config
+    if resuming:
+        check_same_inputs(workspace.root, record)
+        config = config_as_started(config, checkpoint.parent, job.requested_config)
+        job.progress(make_event("prepare", message=f"resuming from {checkpoint.name}"))
+    else:
+        if workspace.root.exists():
+            shutil.rmtree(workspace.root)
+        write_raw_dataset(workspace, cases, job.names, job.channel_names)
+        record_inputs(workspace.root, record)
+        if parent is not None:
+            job.progress(make_event("plan", message=f"preparing {len(cases)} slices as {parent.path.name} was "
+                                    "trained"))
+            plans = preprocess_with_plans(workspace, parent.bundle.plans)
+        else:
+            job.progress(make_event("plan", message=f"planning nnU-Net on {len(cases)} annotated slices"))
+            plans = plan_and_preprocess(workspace, max_size=job.max_size)
+        if job.device.type == "cpu":
+            cap_batch_size(workspace, plans, CPU_BATCH_SIZE)
+    seed_everything(job.seed)
+    return _run_trainer(workspace, job.trainer_class, config, job.device, total, job.progress,
+                        checkpoint if resuming else None, job.checkpoint_every,
+                        progress_plot="end" if job.keep_work_dir else "never",
+                        initial_weights=parent.bundle.network_weights if parent and not resuming else None)
+
+
+def _write_trained(trainer, output: Path, manifest: dict) -> None:
+    network = trainer._network_module() if hasattr(trainer, "_network_module") else trainer.network
+    write_bundle(output, manifest, trainer.plans_manager.plans, trainer.dataset_json, network.state_dict(),
+                 trainer.inference_allowed_mirroring_axes)
+
+
+def _self_train(job: _Job, root: Path, cases, painted: Sequence[int], record: dict, total: int, resume: bool,
+                image, labels):
+    """Two rounds: the painted slices alone, then the painted slices with the first model's confident
+    predictions on the scan's other slices (selftraining.py). Each round resumes on its own; a finished first
+    round is kept as a bundle in the work folder."""
+    from .cases import volume_and_labels
+    from .predict import Segmenter
+    from .selftraining import pseudo_labels, second_round_iterations, weighted_painted
+
+    volume, label_array = volume_and_labels(image, labels, job.names)
+    postprocessing = {"largest_component": single_piece_classes(label_array, painted,
+                                                                range(1, len(job.names) + 1))}
+    if volume.GetSize()[2] <= len(painted):  # every slice painted: nothing to self-train on
+        return _train_round(job, Workspace(root), cases, record, total, resume), {"postprocessing": postprocessing}
+    first = root / "round1-model"
+    first_ok = resume and (first / "nnsam.json").is_file()
+    if first_ok:
+        try:
+            round1 = Bundle.load(first)
+        except NNSAMError:
+            first_ok = False
+    if not first_ok:
+        job.progress(make_event("plan", message="round 1 of 2: the painted slices"))
+        trainer = _train_round(job, Workspace(root / "round1"), cases, record, total, resume)
+        manifest = _manifest(trainer, job.names, "round1", job.seed, job.device, list(painted), None, None,
+                             job.max_size)
+        manifest["postprocessing"] = postprocessing
+        if first.exists():
+            shutil.rmtree(first)
+        _write_trained(trainer, first, manifest)
+        round1 = Bundle.load(first)
+    found = pseudo_labels(Segmenter(round1, job.device), volume, painted, job.progress)
+    second_cases = weighted_painted(cases, len(found.cases)) + found.cases
+    second_total = second_round_iterations(total)
+    job.progress(make_event("plan", message=f"round 2 of 2: the painted slices and {len(found.slices)} slices the "
+                            "first model segmented confidently"))
+    second_record = fingerprint(second_cases, {**record, "round": 2, "iterations": second_total})
+    trainer = _train_round(job, Workspace(root / "round2"), second_cases, second_record, second_total, resume,
+                           Parent(round1, first))
+    extra = {"self_training": {"first_round_iterations": total, "second_round_iterations": second_total,
+                               "pseudo_slices": found.slices,
+                               "confidence": {str(z): round(c, 4) for z, c in found.confidence.items()}},
+             "postprocessing": postprocessing}
+    return trainer, extra
 
 
 def working_max_size(requested: Optional[int], preset: str, device: torch.device) -> Optional[int]:
