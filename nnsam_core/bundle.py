@@ -223,6 +223,10 @@ def check_consistency(name: str, manifest: dict, plans: dict, dataset_json: dict
     if listed != declared:
         raise NNSAMError(f"bundle {name}: nnsam.json lists classes {sorted(declared)} but dataset.json "
                          f"{sorted(listed)}; the bundle is inconsistent, export it again from its author")
+    kept = (manifest.get("postprocessing") or {}).get("largest_component", [])
+    if not isinstance(kept, list) or not all(isinstance(v, int) and v in declared for v in kept):
+        raise NNSAMError(f"bundle {name}: nnsam.json's postprocessing names classes it does not list; the bundle "
+                         "is inconsistent, export it again from its author")
     heads = sorted((k for k in weights if k.startswith("decoder.seg_layers.") and k.endswith(".weight")),
                    key=lambda k: int(k.split(".")[2]) if k.split(".")[2].isdigit() else -1)
     if heads and int(weights[heads[-1]].shape[0]) != len(declared) + 1:

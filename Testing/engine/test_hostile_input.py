@@ -259,6 +259,9 @@ case("predict a truncated image", "incomplete")(
 case("predict with classes that disagree", "inconsistent")(
     lambda c, mp: (lambda b: (_edit_json(b / "nnsam.json", lambda m: m.update(classes=m["classes"][:1])),
                               c.predict(c.path("x.nii.gz"), bundle=b))[1])(c.bundle_copy()))
+case("predict with a clean-up of classes it lacks", "postprocessing names classes")(
+    lambda c, mp: (lambda b: (_edit_json(b / "nnsam.json", lambda m: m.update(postprocessing={
+        "largest_component": [1, 99]})), c.predict(c.path("x.nii.gz"), bundle=b))[1])(c.bundle_copy()))
 case("predict with plans lacking 2d", "no '2d' configuration")(
     lambda c, mp: (lambda b: (_edit_json(b / "plans.json", lambda p: p.update(
         configurations={"3d": p["configurations"]["2d"]})), _rehash(b, "plans.json"),

@@ -113,3 +113,25 @@ def test_whole_volume_is_refused_where_it_cannot_apply(chest_ct, tmp_path, train
     with pytest.raises(NNSAMError, match="adapts on the painted slices alone"):
         fine_tune(*chest_ct, output=tmp_path / "x", slices=[12], start_from=parent.path, whole_volume=True)
     assert not (tmp_path / "x").exists()
+
+
+def test_segmenting_applies_the_bundles_clean_up(trained, chest_ct):
+    from scipy import ndimage
+
+    from nnsam_core.images import read_image
+    from nnsam_core.predict import Segmenter
+
+    bundle, _ = trained
+    image = read_image(chest_ct[0])
+    raw = sitk.GetArrayFromImage(Segmenter(bundle, "cpu").segment(image))
+    pieces = {v: ndimage.label(raw == v)[1] for v in range(1, len(bundle.classes) + 1)}
+    several = [v for v, n in pieces.items() if n > 1]
+    assert several  # the few-step model leaves stray pieces: what the clean-up is for
+    bundle.manifest["postprocessing"] = {"largest_component": several[:1]}
+    try:
+        cleaned = sitk.GetArrayFromImage(Segmenter(bundle, "cpu").segment(image))
+    finally:
+        bundle.manifest.pop("postprocessing")
+    assert ndimage.label(cleaned == several[0])[1] == 1
+    others = raw != several[0]
+    assert np.array_equal(cleaned[others], raw[others])  # the other classes untouched
