@@ -243,6 +243,9 @@ def _estimate(args) -> int:
 
     result = estimate(args.image, painted, settings, on_measure=say_measuring, remeasure=args.remeasure)
     print(json.dumps(result.as_dict()) if args.json else result.summary(), flush=True)
+    if result.measured_while_busy:
+        print("note: other programs kept this computer busy while its speed was measured, so the estimate may be "
+              "too long; it is measured again once the computer is quieter", file=sys.stderr, flush=True)
     return 0
 
 

@@ -177,6 +177,11 @@ class Estimate:
     phases: Phases
     measured_now: bool                   # False: the unit costs came from the cache
     probe_s: Optional[float] = field(default=None)  # how long measuring took (when measured now)
+    load_when_measured: Optional[float] = field(default=None)  # other programs' load per core then (see BUSY_LOAD)
+
+    @property
+    def measured_while_busy(self) -> bool:
+        return self.load_when_measured is not None and self.load_when_measured > BUSY_LOAD
 
     @property
     def training_s(self) -> float:
@@ -213,6 +218,7 @@ class Estimate:
                 "unit_costs_s": {k: round(v, 4) for k, v in asdict(self.costs).items()},
                 "measured_now": self.measured_now,
                 "probe_s": round(self.probe_s, 1) if self.probe_s is not None else None,
+                "measured_while_busy": self.measured_while_busy,
                 "summary": self.summary()}
 
 
@@ -315,14 +321,28 @@ def encoder_precision(device_type: str) -> str:
 
 Probe = Callable[..., UnitCosts]  # takes an estimate_probe.ProbeSpec
 
+# Other programs keeping the cores busy slow the probe far beyond their share (on a 2-core CPU busy with another
+# training, a training step measured several times its quiet time): a measurement made above this load per core
+# is flagged and made again once the computer is quieter.
+BUSY_LOAD = 0.5
+
+
+def machine_load() -> Optional[float]:
+    """The last minute's load average per core (None where the system has none, e.g. Windows)."""
+    try:
+        return os.getloadavg()[0] / max(1, os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return None
+
 
 def estimate(image: os.PathLike, painted: Union[int, Sequence[int]], settings: EstimateSettings = EstimateSettings(),
              probe: Optional[Probe] = None, cache_dir: Optional[os.PathLike] = None,
              on_measure: Callable[[], None] = lambda: None, remeasure: bool = False) -> Estimate:
     """The expected time of fine-tuning on ``painted`` slices of ``image`` (a count, or the slice indices) and
     segmenting all of its slices.
-    Unit costs come from the cache, else (or when ``remeasure``) ``probe`` measures them (default:
-    estimate_probe.measure_costs) and ``on_measure`` is called first (to say that this takes a moment)."""
+    Unit costs come from the cache, else (or when ``remeasure``, or when they were measured while the computer was
+    busy and it is quiet now) ``probe`` measures them (default: estimate_probe.measure_costs) and ``on_measure`` is
+    called first (to say that this takes a moment)."""
     from .devices import resolve_device
     from .estimate_cache import CostCache, cache_key
     from .estimate_probe import ProbeSpec
@@ -346,15 +366,20 @@ def estimate(image: os.PathLike, painted: Union[int, Sequence[int]], settings: E
                      batch_size=plan.batch_size, classes=PROBE_CLASSES)
     cache = CostCache(cache_dir)
     key = cache_key(device.type, settings.method, spec.encoder, precision, plan.patch_size, plan.batch_size)
-    costs, probe_s = (None if remeasure else cache.get(key)), None
-    if costs is None:
+    stored, probe_s, load = (None if remeasure else cache.get(key)), None, machine_load()
+    if stored is not None and stored.load is not None and stored.load > BUSY_LOAD and load is not None \
+            and load <= BUSY_LOAD:
+        stored = None  # measured while the computer was busy, and it is quiet now
+    if stored is None:
         if probe is None:
             from .estimate_probe import measure_costs as probe
         on_measure()
         started = time.monotonic()
         costs = probe(spec)
         probe_s = time.monotonic() - started
-        cache.put(key, costs)
+        cache.put(key, costs, load)
+    else:
+        costs, load = stored.costs, stored.load
     return Estimate(device=device.type, method=settings.method, encoder=spec.encoder,
                     image_size=geometry.size[:2], plan=plan, work=work, costs=costs, phases=phases_of(work, costs),
-                    measured_now=probe_s is not None, probe_s=probe_s)
+                    measured_now=probe_s is not None, probe_s=probe_s, load_when_measured=load)

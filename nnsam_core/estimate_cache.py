@@ -7,7 +7,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +16,12 @@ from .estimate import UnitCosts
 CACHE_FILE = "estimates.json"
 # Part of every key: a change to what the probe measures (or how) makes earlier measurements stale.
 PROBE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Measurement:
+    costs: UnitCosts
+    load: Optional[float]  # other programs' load per core while measuring (None: unknown)
 
 
 def cache_key(device_type: str, method: str, encoder: Optional[str], precision: Optional[str],
@@ -40,7 +46,7 @@ class CostCache:
         entries = data.get("entries") if isinstance(data, dict) else None
         return entries if isinstance(entries, dict) else {}
 
-    def get(self, key: str) -> Optional[UnitCosts]:
+    def get(self, key: str) -> Optional[Measurement]:
         entry = self._entries().get(key)
         if not isinstance(entry, dict):
             return None
@@ -50,13 +56,15 @@ class CostCache:
             return None
         if not all(math.isfinite(v) and v >= 0 for v in values.values()):
             return None
-        return UnitCosts(**values)
+        load = entry.get("load_per_core")
+        load = float(load) if isinstance(load, (int, float)) and math.isfinite(load) else None
+        return Measurement(UnitCosts(**values), load)
 
-    def put(self, key: str, costs: UnitCosts) -> None:
+    def put(self, key: str, costs: UnitCosts, load: Optional[float] = None) -> None:
         """Add or replace one entry; written under a temporary name and renamed, so a reader never sees half a
         file. A cache that cannot be written is not an error (the next estimate measures again)."""
         entries = self._entries()
-        entries[key] = asdict(costs)
+        entries[key] = {**asdict(costs), "load_per_core": None if load is None else round(load, 2)}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             handle, partial = tempfile.mkstemp(prefix=f".{CACHE_FILE}.", dir=self.path.parent)

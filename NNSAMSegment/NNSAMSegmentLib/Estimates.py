@@ -112,6 +112,9 @@ def estimateToolTip(data: dict) -> str:
         lines.append(f"{data.get('slices')} slices, trained at {size[0]}x{size[1]} pixels, "
                      f"{data.get('iterations')} iterations")
     lines.append("From this computer's speed, measured once by the engine. Setup and saving are not included.")
+    if data.get("measured_while_busy") is True:
+        lines.append("Other programs kept the computer busy while it was measured: probably too long. It is "
+                     "measured again once the computer is quieter.")
     return "\n".join(lines)
 
 

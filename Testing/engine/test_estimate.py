@@ -122,13 +122,15 @@ class CountingProbe:
 
 def test_second_estimate_measures_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("NNSAM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(est, "machine_load", lambda: 0.1)
     image = write_image(tmp_path / "ct.nii.gz")
     probe = CountingProbe()
     settings = EstimateSettings(device="cpu")
     first = estimate(image, 3, settings, probe=probe)
     assert len(probe.specs) == 1 and first.measured_now and first.costs == COSTS
     cached = json.loads((tmp_path / "cache" / "estimates.json").read_text())["entries"]
-    assert list(cached.values()) == [{"train_step_s": 0.5, "encoder_call_s": 2.0, "segment_slice_s": 0.25}]
+    assert list(cached.values()) == [{"train_step_s": 0.5, "encoder_call_s": 2.0, "segment_slice_s": 0.25,
+                                      "load_per_core": 0.1}]
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["estimates.json"]  # no temporary left
     again = estimate(image, [0, 4, 9], replace(settings, whole_volume=False), probe=probe)
     assert len(probe.specs) == 1 and not again.measured_now and again.costs == COSTS
@@ -139,7 +141,24 @@ def test_second_estimate_measures_nothing(tmp_path, monkeypatch):
     assert len(probe.specs) == 3
 
 
-def test_a_damaged_cache_is_measured_again(tmp_path):
+def test_a_measurement_made_while_busy_is_made_again_once_quiet(tmp_path, monkeypatch):
+    image = write_image(tmp_path / "ct.nii.gz")
+    probe = CountingProbe()
+    load = [1.5]  # another training keeps the cores busy
+    monkeypatch.setattr(est, "machine_load", lambda: load[0])
+    first = estimate(image, 3, EstimateSettings(device="cpu"), probe=probe, cache_dir=tmp_path)
+    assert first.measured_while_busy and first.as_dict()["measured_while_busy"] is True
+    assert not estimate(image, 3, EstimateSettings(device="cpu"), probe=probe, cache_dir=tmp_path).measured_now
+    load[0] = 0.2  # quiet now: measured again, then kept
+    again = estimate(image, 3, EstimateSettings(device="cpu"), probe=probe, cache_dir=tmp_path)
+    assert again.measured_now and not again.measured_while_busy and len(probe.specs) == 2
+    load[0] = 1.5
+    later = estimate(image, 3, EstimateSettings(device="cpu"), probe=probe, cache_dir=tmp_path)
+    assert not later.measured_now and not later.measured_while_busy and len(probe.specs) == 2
+
+
+def test_a_damaged_cache_is_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(est, "machine_load", lambda: None)  # a system without a load average
     image = write_image(tmp_path / "ct.nii.gz")
     (tmp_path / "estimates.json").write_text("{not json")
     probe = CountingProbe()
@@ -182,6 +201,7 @@ def test_estimate_end_to_end_with_a_real_probe(capsys, tmp_path, monkeypatch):
 
     monkeypatch.setenv("NNSAM_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(estimate_probe, "REPEATS", 1)  # tiny: one warm-up and one timed run of each
+    monkeypatch.setattr(est, "machine_load", lambda: 0.1)  # whatever else this machine is doing
     image = write_image(tmp_path / "ct.nii.gz")
     code, out, err = run_cli(capsys, "estimate", image, "--slices", "3", "--device", "cpu", "--json")
     assert code == 0, err

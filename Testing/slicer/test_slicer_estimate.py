@@ -12,7 +12,7 @@ from nnsam_slicer_helpers import scene  # noqa: F401 - pytest fixture
 from NNSAMSegmentLib.Bundles import BundleStore
 from NNSAMSegmentLib.EngineCommands import EngineCommandBuilder, TrainOptions
 from NNSAMSegmentLib.Estimates import (ASSUMED_PAINTED, GEOMETRY_FILE, FineTuneEstimator, estimateRequest,
-                                       estimateText, parseEstimate, writeGeometryHeader)
+                                       estimateText, estimateToolTip, parseEstimate, writeGeometryHeader)
 from NNSAMSegmentLib.Settings import DictSettingsStore, ModelMemory
 from NNSAMSegmentLib.Signal import Signal
 from NNSAMSegmentLib.Workflow import NNSAMWorkflow
@@ -76,6 +76,7 @@ def test_label_text_from_the_engine_answer():
     assert estimateText({**data, "device": "cuda", "total_s": 75, "training_s": 50, "segmentation_s": 25},
                         paintedAssumed=True) == ("Expected: about 1 min on this computer's GPU (training 50 s, "
                                                  "segmenting 25 s; for 5 painted slices).")
+    assert "busy" not in estimateToolTip(data) and "busy" in estimateToolTip({**data, "measured_while_busy": True})
     assert parseEstimate("nothing\n{broken\n") is None
     assert parseEstimate('{"total_s": true}') is None
 
