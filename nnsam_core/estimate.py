@@ -2,8 +2,8 @@
 
 A cost model: the job's counts (training steps, encoder calls, segmented slices) times per-phase costs that a
 short probe measures on this device once (``estimate_probe.py``) and keeps in a cache (``estimate_cache.py``).
-Only the image's header is read. What the model leaves out (planning and preprocessing, nnU-Net's augmentation,
-writing the bundle, resampling the result) is usually small beside training and segmenting; see docs/cli.md.
+Only the image's header is read. Not counted: planning and preprocessing, nnU-Net's data augmentation (in the
+training process on a CPU), writing the bundle, resampling the result (docs/cli.md).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from .selftraining import CANDIDATE_SLICES, MAX_PSEUDO_SLICES, second_round_iter
 EPOCH_ITERATIONS = 25
 # The classes the panel offers (LV, RV, LA, RA, Myo) plus background: the network's output heads in the probe.
 PROBE_CLASSES = 6
-MIN_SIDE = 16  # as images.MIN_SIDE
 
 
 @dataclass(frozen=True)
@@ -252,6 +251,8 @@ def painted_count(painted: Union[int, Sequence[int]], slices: int) -> int:
 def read_geometry(path: os.PathLike) -> ImageGeometry:
     """Size and spacing from the image's header only (a DICOM folder: its first file and the series' length)."""
     import SimpleITK as sitk
+
+    from .images import MIN_SIDE
 
     path = Path(path)
     if not path.exists():
