@@ -23,6 +23,7 @@ from NNSAMSegmentLib.Devices import DETECTION_SCRIPT, deviceChoices, parseDetect
 from NNSAMSegmentLib.EngineCommands import (DEFAULT_ENCODER, DEFAULT_RECOMPUTE_SHARE, ENCODERS, PRESETS,
                                             RECOMPUTE_SHARES, EngineCommandBuilder, TrainOptions)
 from NNSAMSegmentLib.EngineJob import JobState
+from NNSAMSegmentLib.Estimates import FineTuneEstimator, estimateRequest
 from NNSAMSegmentLib.Errors import UserError
 from NNSAMSegmentLib.FineTuneResume import mayReplaceResumable
 from NNSAMSegmentLib.InstallLogic import InstallLogic, isNonInteractive
@@ -98,6 +99,7 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._deviceRunner = None
         self._weightsJob = None
         self._jobConnections = []  # (signal, id) of the running job's connections, dropped by cleanup()
+        self._paintedSlices = None  # the annotated slices last counted (None: no volume or segmentation)
 
     # ---------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -149,6 +151,7 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.importBundleButton.connect("clicked(bool)", lambda checked: self._guard(self.onImportBundle))
         self.ui.exportBundleButton.connect("clicked(bool)", lambda checked: self._guard(self.onExportBundle))
         self.ui.fineTuneButton.connect("clicked(bool)", lambda checked: self._guard(self.onFineTune))
+        self.ui.startFromModelCheckBox.connect("toggled(bool)", lambda checked: self._requestEstimate())
         self.ui.segmentButton.connect("clicked(bool)", lambda checked: self._guard(self.onSegment))
         self.ui.stopButton.connect("clicked(bool)", lambda checked: self.logic.workflow.stop())
         self.ui.resumeFineTuneButton.connect("clicked(bool)", lambda checked: self._guard(self.onResumeFineTune))
@@ -162,6 +165,7 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # pip lets Qt process clicks while it runs: the buttons are disabled until it has finished
             (self.logic.installLogic.busyChanged,
              self.logic.installLogic.busyChanged.connect(lambda installing: self.updateButtons())),
+            (self.logic.estimator.changed, self.logic.estimator.changed.connect(self._showEstimate)),
         ]
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -174,6 +178,7 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onResumableChanged(workflow.resumableFineTune)
         self.updateBundleLabel()
         self.onEncoderChanged()
+        self._showEstimate(self.logic.estimator.text, self.logic.estimator.toolTip)
         self.updateButtons()
 
     def cleanup(self) -> None:
@@ -284,10 +289,38 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateAnnotatedSlices(self) -> None:
         try:
-            text = self.logic.workflow.annotatedSlicesText(self._annotations(), self._volume())
+            text, self._paintedSlices = self.logic.workflow.annotationStatus(self._annotations(), self._volume())
         except UserError as error:
-            text = str(error)
+            text, self._paintedSlices = str(error), None
         self.ui.annotatedSlicesLabel.text = text
+        self._requestEstimate()
+
+    # ---------------------------------------------------------------------------------------------- expected time
+    def _requestEstimate(self) -> None:
+        """Ask (in the background) how long a fine-tune with the panel's choices would take."""
+        if self.ui is None or self.logic is None:
+            return
+        volume = self._volume()
+        if volume is None or volume.GetImageData() is None:
+            self.logic.estimator.request(None)
+        elif self.logic.installLogic.missingModules():
+            self._showEstimate(_("The expected time is shown once nnSAM's Python packages are installed."), "")
+        else:
+            bundle = self.logic.workflow.currentBundle
+            try:
+                self.logic.estimator.request(estimateRequest(
+                    volume.GetImageData().GetDimensions(), volume.GetSpacing(), self._paintedSlices,
+                    self._trainOptions(), bundle.method if bundle else "", bundle.encoder if bundle else ""))
+            except Exception:  # a bug here must not break the panel's other updates
+                logging.exception("NNSAMSegment: estimating the fine-tune's time failed")
+                self._showEstimate("")
+
+    def _showEstimate(self, text: str, toolTip: str = "") -> None:
+        if self.ui is None:
+            return
+        self.ui.fineTuneEstimateLabel.text = text
+        self.ui.fineTuneEstimateLabel.toolTip = toolTip
+        self.ui.fineTuneEstimateLabel.setVisible(bool(text))
 
     def onCreateSegments(self) -> None:
         volume = self._volume()
@@ -316,6 +349,7 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.weightsStatusLabel.text = _("Download once ({size}) or import a file.").format(
                 size=entry.sizeText())
             self._checkWeightsQuietly()
+        self._requestEstimate()
 
     def _checkWeightsQuietly(self) -> None:
         """Ask the engine (in the background) whether the weights are already there, if it is installed."""
@@ -327,13 +361,16 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPresetChanged(self, index=None) -> None:
         self.logic.workflow.memory.preset = self._choice(self.ui.presetComboBox, "quick")
+        self._requestEstimate()
 
     def onRecomputeShareChanged(self, index=None) -> None:
         self.logic.workflow.memory.recomputeShare = self._recomputeShare()
+        self._requestEstimate()
 
     def onDeviceChanged(self, index=None) -> None:
         if self.ui.deviceComboBox.count:
             self.logic.workflow.memory.device = self._choice(self.ui.deviceComboBox, "auto")
+            self._requestEstimate()
 
     def onResultTargetChanged(self, checked=None) -> None:
         self.logic.workflow.memory.resultTarget = self._resultTarget()
@@ -588,6 +625,7 @@ class NNSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 del sys.modules[name]
         global _sharedLogic
         if _sharedLogic is not None:
+            _sharedLogic.estimator.close()
             _sharedLogic.workflow.stop()
         _sharedLogic = None
         ScriptedLoadableModuleWidget.onReload(self)
@@ -634,6 +672,8 @@ class NNSAMSegmentLogic(ScriptedLoadableModuleLogic):
             jobBaseDirectory=os.path.join(slicer.app.temporaryPath, "NNSAMSegment"))
         interactive = not (isNonInteractive() or slicer.app.testingEnabled())
         self.installLogic = InstallLogic(interactive=interactive)
+        # The panel's expected time of a fine-tune; it never runs beside another job (see Estimates.py).
+        self.estimator = FineTuneEstimator(self.workflow)
         self.detectedDevices = None  # the compute devices torch sees, once asked (see NNSAMSegmentWidget)
 
     def encoderLabel(self, encoder: str) -> str:

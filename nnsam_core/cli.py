@@ -116,6 +116,33 @@ def build_parser() -> argparse.ArgumentParser:
     bimp.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     bimp.set_defaults(func=_bundle_import)
 
+    estimate = verbs.add_parser("estimate", help="how long a fine-tune and the segmentation will take here",
+                                description="The expected time of fine-tuning on K painted slices of IMAGE and "
+                                "segmenting all of its slices on this machine's device. Reads only the image's "
+                                "header; the first estimate for a kind of job measures this device for a few "
+                                "seconds to a minute, later ones reuse the measurement.", epilog=EPILOG)
+    estimate.add_argument("image", help="image file or DICOM folder")
+    estimate.add_argument("--slices", metavar="K|LIST", default=str(DEFAULT_PAINTED),
+                          help="how many slices you paint (a number, e.g. 5) or which ones (e.g. 12,40,77); "
+                          f"default {DEFAULT_PAINTED}")
+    estimate.add_argument("--method", choices=USER_METHODS, default="nnsam", help=METHOD_HELP)
+    estimate.add_argument("--encoder", choices=ENCODER_NAMES, default=ENCODER_NAMES[0],
+                          help="frozen SAM encoder (default litemedsam)")
+    _add_device(estimate)
+    estimate.add_argument("--preset", choices=("quick", "full"), default="quick",
+                          help="the training schedule, as nnsam train's (default quick)")
+    estimate.add_argument("--iterations", type=int, help="override the preset's number of training iterations")
+    estimate.add_argument("--max-size", type=int, metavar="PIXELS", help="as nnsam train's --max-size")
+    estimate.add_argument("--recompute-share", type=float, metavar="P", help="as nnsam train's --recompute-share")
+    estimate.add_argument("--painted-only", action="store_true",
+                          help="train on the painted slices alone (default: whole-volume training, which also "
+                          "learns from the unpainted slices in a second round)")
+    estimate.add_argument("--remeasure", action="store_true",
+                          help="measure this device again instead of using the stored measurement (e.g. it was "
+                          "made while other programs kept the computer busy)")
+    estimate.add_argument("--json", action="store_true", help="print one JSON object")
+    estimate.set_defaults(func=_estimate)
+
     add_evaluate_parser(verbs)
     return parser
 
@@ -191,6 +218,34 @@ def _predict(args) -> int:
     labels = Segmenter(bundle, args.device, use_mirroring=not args.no_mirroring).segment(image, report)
     write_image_atomically(labels, output)
     report(make_event("done", 1, 1, message=f"label map written to {args.output}"))
+    return 0
+
+
+DEFAULT_PAINTED = 5  # painted slices assumed when --slices is not given
+
+
+def _estimate(args) -> int:
+    from .estimate import EstimateSettings, estimate
+
+    text = str(args.slices).strip()
+    if text.isdigit():
+        painted = int(text)
+    else:
+        from .images import parse_slices
+        painted = parse_slices(text)  # checked against the image's slices by estimate()
+    settings = EstimateSettings(method=args.method, encoder=args.encoder, device=args.device, preset=args.preset,
+                                iterations=args.iterations, whole_volume=not args.painted_only,
+                                max_size=args.max_size, recompute_share=args.recompute_share)
+
+    def say_measuring() -> None:
+        print("measuring this computer's speed for this kind of job (once; a few seconds to a minute)...",
+              file=sys.stderr, flush=True)
+
+    result = estimate(args.image, painted, settings, on_measure=say_measuring, remeasure=args.remeasure)
+    print(json.dumps(result.as_dict()) if args.json else result.summary(), flush=True)
+    if result.measured_while_busy:
+        print("note: other programs kept this computer busy while its speed was measured, so the estimate may be "
+              "too long; it is measured again once the computer is quieter", file=sys.stderr, flush=True)
     return 0
 
 

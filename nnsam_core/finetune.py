@@ -25,21 +25,12 @@ from .cases import ImageLike, cases_from_nnunet_dataset, cases_from_sparse_slice
 from .adapt import ADAPT_ITERATIONS, Parent, adapted_class_names, load_parent
 from .outputs import check_bundle_output
 from .postprocess import single_piece_classes
+from .presets import CPU_BATCH_SIZE, CPU_QUICK_MAX_SIZE, PRESETS, working_max_size  # noqa: F401
 from .progress import ProgressCallback, make_event, silent
 from .resume import check_same_inputs, config_as_started, fingerprint, record_inputs
 from .training.registry import config_of_trainer, trainer_for
 from .workspace import (CONFIGURATION, FOLD, Workspace, nnunet_output_to_stderr, plan_and_preprocess,
                         preprocess_with_plans, scoped_environ, write_raw_dataset)
-
-# quick: 1000 iterations (40 epochs x 25): about a minute on a GPU with the planned batch; on a CPU the batch is
-# capped at CPU_BATCH_SIZE. Fewer iterations left nnU-Net predicting only the largest structure even on its own
-# training slices (docs/results.md).
-PRESETS = {"quick": 1000, "full": 250_000}
-CPU_BATCH_SIZE = 2
-# On a CPU the quick preset trains at most 192 pixels across (nnU-Net resamples; results come back at full
-# resolution): a CPU step grows with the pixel count, and at 512x512 the quick preset would take hours on a laptop
-# (docs/results.md, Speed).
-CPU_QUICK_MAX_SIZE = 192
 
 
 def seed_everything(seed: int) -> None:
@@ -268,13 +259,6 @@ def _self_train(job: _Job, root: Path, cases, painted: Sequence[int], record: di
                                "confidence": {str(z): round(c, 4) for z, c in found.confidence.items()}},
              "postprocessing": postprocessing}
     return trainer, extra
-
-
-def working_max_size(requested: Optional[int], preset: str, device: torch.device) -> Optional[int]:
-    """The in-plane size cap to plan with (None: native resolution)."""
-    if requested is not None:
-        return requested or None
-    return CPU_QUICK_MAX_SIZE if device.type == "cpu" and preset == "quick" else None
 
 
 def cap_batch_size(workspace: Workspace, plans: dict, batch_size: int) -> None:

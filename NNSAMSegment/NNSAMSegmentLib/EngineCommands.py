@@ -157,6 +157,25 @@ class EngineCommandBuilder:
         args += ["--progress", self.progressFormat]
         return self._command(*args)
 
+    def estimate(self, image: str, painted: int, options: TrainOptions, wholeVolume: bool = True) -> EngineCommand:
+        """The expected time of the fine-tune ``options`` describe on ``painted`` slices of ``image``, plus the
+        segmentation of all of its slices (one JSON object on stdout)."""
+        options.validate()
+        if options.startFrom:
+            raise ValueError("estimate the adapted model's method and schedule (Estimates.estimateRequest)")
+        if _asCount(painted) < 1:
+            raise UserError(f"The number of painted slices must be 1 or more, not {painted}.")
+        args = ["estimate", os.fspath(image), "--slices", int(painted), "--method", options.method,
+                "--encoder", options.encoder, "--device", options.device, "--preset", options.preset]
+        if options.iterations is not None:
+            args += ["--iterations", int(options.iterations)]
+        if options.recomputeShare is not None and options.method == "nnsam":
+            args += ["--recompute-share", f"{float(options.recomputeShare):g}"]
+        if not wholeVolume:
+            args.append("--painted-only")
+        args.append("--json")
+        return self._command(*args)
+
     def predict(self, bundleDir: str, image: str, outputLabelmap: str, device: str = "auto") -> EngineCommand:
         _checkChoice("device", device, DEVICES)
         return self._command("predict", os.fspath(bundleDir), os.fspath(image), "-o", os.fspath(outputLabelmap),

@@ -24,6 +24,7 @@ from .Annotations import AnnotationReader, describeSlices
 from .Bundles import BundleInfo, BundleStore, placeBundle, timestampedName
 from .EngineCommands import EngineCommand, EngineCommandBuilder, TrainOptions
 from .EngineJob import EngineJob, JobState, createJobDirectory
+from .Estimates import EstimateRequest, geometryFilePath, writeGeometryHeader
 from .Errors import UserError
 from .FineTuneResume import FineTuneRecord, resumeNote
 from .ImageGeometry import imageFromVolumeNode
@@ -108,10 +109,15 @@ class NNSAMWorkflow:
         return ensureCardiacSegments(segmentation, self.terminology)
 
     def annotatedSlicesText(self, segmentationNode, volumeNode) -> str:
+        return self.annotationStatus(segmentationNode, volumeNode)[0]
+
+    def annotationStatus(self, segmentationNode, volumeNode) -> tuple[str, Optional[list[int]]]:
+        """The panel's line about the annotated slices, and those slices (None without a volume and a
+        segmentation)."""
         if segmentationNode is None or volumeNode is None or volumeNode.GetImageData() is None:
-            return "Select a volume and the segmentation holding your annotations."
+            return "Select a volume and the segmentation holding your annotations.", None
         slices = self.annotationReader.annotatedSlicesOf(segmentationNode, volumeNode)
-        return describeSlices(slices, volumeNode.GetImageData().GetDimensions()[2])
+        return describeSlices(slices, volumeNode.GetImageData().GetDimensions()[2]), slices
 
     # ------------------------------------------------------------------------------------------------ jobs
     @property
@@ -385,6 +391,17 @@ class NNSAMWorkflow:
             raise UserError(f"{filePath} does not exist.")
         return self._startJob("weights-import", f"Importing {encoder} weights",
                               lambda folder: self.commandBuilder.weightsImport(encoder, filePath))
+
+    def startEstimate(self, request: EstimateRequest) -> EngineJob:
+        """Ask the engine how long the fine-tune ``request`` describes would take; runs in the background (it only
+        reads), so callers keep it from running beside another job (see Estimates.FineTuneEstimator)."""
+
+        def makeCommand(jobDirectory: str) -> EngineCommand:
+            path = geometryFilePath(jobDirectory)
+            writeGeometryHeader(path, request)
+            return self.commandBuilder.estimate(path, request.painted, request.options, request.wholeVolume)
+
+        return self._startJob("estimate", "Estimating the fine-tune's time", makeCommand, background=True)
 
     def startWeightsStatus(self) -> EngineJob:
         """Ask which encoder weights are available; runs beside other jobs (it only reads)."""

@@ -110,6 +110,12 @@ def build_nnsam_network(plans_manager, configuration_manager, num_input_channels
                                   deep_supervision=enable_deep_supervision)
     if not hasattr(unet, "encoder") or not hasattr(unet.encoder, "strides"):
         raise ValueError(f"nnSAM needs a U-Net with an encoder; plans use {configuration_manager.network_arch_class_name}")
+    return fuse_sam_branch(unet, config, enable_deep_supervision)
+
+
+def fuse_sam_branch(unet: nn.Module, config: NNSAMConfig, enable_deep_supervision: bool) -> NNSAMNet:
+    """``unet`` (a PlainConvUNet) with the SAM branch ``config`` describes, its fused stage initialised as
+    nnU-Net initialises its own."""
     inject_skip = choose_inject_skip(unet.encoder.strides, config.inject_stride)
     network = NNSAMNet(unet, config, inject_skip, enable_deep_supervision)
     if hasattr(unet, "initialize"):
