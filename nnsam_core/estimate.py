@@ -2,8 +2,8 @@
 
 A cost model: the job's counts (training steps, encoder calls, segmented slices) times per-phase costs that a
 short probe measures on this device once (``estimate_probe.py``) and keeps in a cache (``estimate_cache.py``).
-Only the image's header is read. Not counted: planning and preprocessing, nnU-Net's data augmentation (in the
-training process on a CPU), writing the bundle, resampling the result (docs/cli.md).
+Only the image's header is read. Not counted: planning and preprocessing, writing the bundle, resampling the
+result (docs/cli.md).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class WorkingPlan:
 class UnitCosts:
     """Seconds, measured by the probe on this device."""
 
-    train_step_s: float      # one training step (forward, backward, SGD) at the planned batch, embeddings cached
+    train_step_s: float      # one training step (on a CPU with nnU-Net's augmentation of the batch), embeddings cached
     encoder_call_s: float    # the frozen encoder on one slice (0 for nnunet)
     segment_slice_s: float   # the network on one slice: 4 mirrored passes, as nnU-Net's 2d predictor
 

@@ -149,6 +149,28 @@ def time_training_step(spec: ProbeSpec) -> float:
     return _median_seconds(step, device)
 
 
+def time_augmentation(spec: ProbeSpec) -> float:
+    """nnU-Net's training augmentation of one batch (2d: rotation, scaling, elastic-free spatial transform,
+    intensity transforms, mirroring, deep-supervision targets), as its trainer builds it. On a CPU it runs in the
+    training process between steps (fine_tune starts no augmentation workers there), so it adds to each step."""
+    import numpy as np
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    scales = [list(i) for i in 1 / np.cumprod(np.vstack(spec.strides), axis=0)][:-1]
+    transforms = nnUNetTrainer.get_training_transforms(
+        spec.patch_size, (-np.pi, np.pi), scales, (0, 1), False, use_mask_for_norm=[False],
+        foreground_labels=list(range(1, spec.classes)))
+    # nnU-Net's loader hands the transforms a patch enlarged to hold any rotation; about 1.4x the patch in 2d
+    height, width = (int(round(v * 1.42)) for v in spec.patch_size)
+    samples = [(torch.randn(1, height, width), torch.randint(0, spec.classes, (1, height, width)).to(torch.int16))
+               for _ in range(spec.batch_size)]
+
+    def augment() -> None:
+        for image, labels in samples:
+            transforms(image=image.clone(), segmentation=labels.clone())
+    return _median_seconds(augment, torch.device("cpu"))
+
+
 def time_segmenting_slice(spec: ProbeSpec) -> float:
     """One slice through the network as nnU-Net's predictor does it in 2d: the tile and its three mirrors."""
     device = spec.device
@@ -180,6 +202,8 @@ def time_encoder_call(spec: ProbeSpec) -> float:
 def measure_costs(spec: ProbeSpec) -> UnitCosts:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return UnitCosts(train_step_s=time_training_step(spec),
+        # On a GPU nnU-Net augments in worker processes while the network trains: only the step counts there.
+        augmentation = time_augmentation(spec) if spec.device.type == "cpu" else 0.0
+        return UnitCosts(train_step_s=time_training_step(spec) + augmentation,
                          encoder_call_s=time_encoder_call(spec) if spec.encoder else 0.0,
                          segment_slice_s=time_segmenting_slice(spec))
