@@ -21,7 +21,8 @@ from .bundle_files import exclusive_output, write_bundle
 from .config import NNSAMConfig
 from .devices import resolve_device
 from .errors import NNSAMError
-from .cases import ImageLike, cases_from_nnunet_dataset, cases_from_sparse_slices, constant_image_warning
+from .cases import (ImageLike, cases_from_nnunet_dataset, cases_from_sparse_slices, constant_image_warning,
+                    volume_and_labels)
 from .adapt import ADAPT_ITERATIONS, Parent, adapted_class_names, load_parent
 from .outputs import check_bundle_output
 from .postprocess import single_piece_classes
@@ -122,13 +123,17 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
                                  **({"whole_volume": True} if whole_volume else {})})
     job = _Job(trainer_class, config, nnsam_config, names, channel_names, torch_device, seed, max_size, progress,
                checkpoint_every, keep_work_dir)
+    volume, clean_up = None, None
+    if dataset_dir is None:
+        volume, label_array = volume_and_labels(image, labels, names)
+        clean_up = {"largest_component": single_piece_classes(label_array, trained_slices, range(1, len(names) + 1))}
 
     with exclusive_output(output):
         root = _work_dir_for(output)
         if not resume and root.exists():
             shutil.rmtree(root)
         if whole_volume:
-            trainer, extra = _self_train(job, root, cases, trained_slices, record, total, resume, image, labels)
+            trainer, extra = _self_train(job, root, cases, trained_slices, record, total, resume, volume, clean_up)
         else:
             trainer = _train_round(job, Workspace(root), cases, record, total, resume, parent)
             extra = {"start_from": parent.record()} if parent is not None else {}
@@ -136,9 +141,9 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
         progress(make_event("save", message=f"writing bundle {output}"))
         manifest = _manifest(trainer, names, preset, seed, torch_device, trained_slices,
                              image if isinstance(image, (str, os.PathLike)) else None, dataset_dir, max_size)
-        manifest["training"].update({k: v for k, v in extra.items() if k != "postprocessing"})
-        if "postprocessing" in extra:
-            manifest["postprocessing"] = extra["postprocessing"]
+        manifest["training"].update(extra)
+        if clean_up is not None:
+            manifest["postprocessing"] = clean_up
         _write_trained(trainer, output, manifest)
         if not keep_work_dir:
             shutil.rmtree(root, ignore_errors=True)
@@ -216,19 +221,15 @@ def _write_trained(trainer, output: Path, manifest: dict) -> None:
 
 
 def _self_train(job: _Job, root: Path, cases, painted: Sequence[int], record: dict, total: int, resume: bool,
-                image, labels):
+                volume, clean_up: dict):
     """Two rounds: the painted slices alone, then the painted slices with the first model's confident
     predictions on the scan's other slices (selftraining.py). Each round resumes on its own; a finished first
     round is kept as a bundle in the work folder."""
-    from .cases import volume_and_labels
     from .predict import Segmenter
     from .selftraining import pseudo_labels, second_round_iterations, weighted_painted
 
-    volume, label_array = volume_and_labels(image, labels, job.names)
-    postprocessing = {"largest_component": single_piece_classes(label_array, painted,
-                                                                range(1, len(job.names) + 1))}
     if volume.GetSize()[2] <= len(painted):  # every slice painted: nothing to self-train on
-        return _train_round(job, Workspace(root), cases, record, total, resume), {"postprocessing": postprocessing}
+        return _train_round(job, Workspace(root), cases, record, total, resume), {}
     first = root / "round1-model"
     first_ok = resume and (first / "nnsam.json").is_file()
     if first_ok:
@@ -241,7 +242,7 @@ def _self_train(job: _Job, root: Path, cases, painted: Sequence[int], record: di
         trainer = _train_round(job, Workspace(root / "round1"), cases, record, total, resume)
         manifest = _manifest(trainer, job.names, "round1", job.seed, job.device, list(painted), None, None,
                              job.max_size)
-        manifest["postprocessing"] = postprocessing
+        manifest["postprocessing"] = clean_up
         if first.exists():
             shutil.rmtree(first)
         _write_trained(trainer, first, manifest)
@@ -256,8 +257,7 @@ def _self_train(job: _Job, root: Path, cases, painted: Sequence[int], record: di
                            Parent(round1, first))
     extra = {"self_training": {"first_round_iterations": total, "second_round_iterations": second_total,
                                "pseudo_slices": found.slices,
-                               "confidence": {str(z): round(c, 4) for z, c in found.confidence.items()}},
-             "postprocessing": postprocessing}
+                               "confidence": {str(z): round(c, 4) for z, c in found.confidence.items()}}}
     return trainer, extra
 
 

@@ -90,6 +90,8 @@ def test_self_training_learns_from_unpainted_slices_and_never_changes_the_painte
 
     image = read_image(chest_ct[0])
     user = sitk.GetArrayFromImage(read_labels(chest_ct[1], image).image)
+    assert bundle.manifest["postprocessing"] == {"largest_component": single_piece_classes(
+        user, painted, range(1, len(bundle.classes) + 1))}
     work = out.with_name(f".{out.name}.nnsam-work")
     second = _labels_of(work / "round2" / "nnUNet_raw" / DATASET_NAME)
     for name, labels in second.items():
@@ -135,3 +137,14 @@ def test_segmenting_applies_the_bundles_clean_up(trained, chest_ct):
     assert ndimage.label(cleaned == several[0])[1] == 1
     others = raw != several[0]
     assert np.array_equal(cleaned[others], raw[others])  # the other classes untouched
+
+
+def test_every_fine_tune_on_painted_slices_records_the_clean_up_its_painting_chose(trained, chest_ct):
+    from nnsam_core.images import read_image, read_labels
+    from conftest import CHEST_SLICES
+
+    bundle, _ = trained  # painted slices alone
+    user = sitk.GetArrayFromImage(read_labels(chest_ct[1], read_image(chest_ct[0])).image)
+    chosen = single_piece_classes(user, CHEST_SLICES, range(1, len(bundle.classes) + 1))
+    assert bundle.manifest["postprocessing"] == {"largest_component": chosen}
+    assert 0 < len(chosen) < len(bundle.classes)  # the ribs are painted in many pieces; some structures in one
