@@ -72,7 +72,6 @@ def constant_image_warning(image: sitk.Image) -> Optional[str]:
     return None
 
 
-def volume_and_labels(image: ImageLike, labels: ImageLike, class_names: Sequence[str]) -> tuple[sitk.Image, np.ndarray]:
-    """The image as a volume and its label map as an array (Z, Y, X), read as for training."""
-    volume = _as_image(image, "image")
-    return volume, sitk.GetArrayFromImage(read_labels(labels, volume, class_names).image)
+def label_array(image: ImageLike, labels: ImageLike, class_names: Sequence[str]) -> np.ndarray:
+    """The label map as an array (Z, Y, X) on the image's grid, read as for training."""
+    return sitk.GetArrayFromImage(read_labels(labels, _as_image(image, "image"), class_names).image)

@@ -134,9 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--iterations", type=int, help="override the preset's number of training iterations")
     estimate.add_argument("--max-size", type=int, metavar="PIXELS", help="as nnsam train's --max-size")
     estimate.add_argument("--recompute-share", type=float, metavar="P", help="as nnsam train's --recompute-share")
-    estimate.add_argument("--painted-only", action="store_true",
-                          help="train on the painted slices alone (default: whole-volume training, which also "
-                          "learns from the unpainted slices in a second round)")
     estimate.add_argument("--remeasure", action="store_true",
                           help="measure this device again instead of using the stored measurement (e.g. it was "
                           "made while other programs kept the computer busy)")
@@ -234,8 +231,7 @@ def _estimate(args) -> int:
         from .images import parse_slices
         painted = parse_slices(text)  # checked against the image's slices by estimate()
     settings = EstimateSettings(method=args.method, encoder=args.encoder, device=args.device, preset=args.preset,
-                                iterations=args.iterations, whole_volume=not args.painted_only,
-                                max_size=args.max_size, recompute_share=args.recompute_share)
+                                iterations=args.iterations, max_size=args.max_size, recompute_share=args.recompute_share)
 
     def say_measuring() -> None:
         print("measuring this computer's speed for this kind of job (once; a few seconds to a minute)...",

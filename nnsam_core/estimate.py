@@ -18,7 +18,6 @@ from typing import Callable, Optional, Sequence, Union
 from .errors import NNSAMError
 from .methods import DEFAULT_RECOMPUTE_SHARE, ENCODER_NAMES, USER_METHODS, check_recompute_share
 from .presets import CPU_BATCH_SIZE, PRESETS, working_max_size
-from .selftraining import CANDIDATE_SLICES, MAX_PSEUDO_SLICES, second_round_iterations
 
 # nnU-Net's training epochs are nnUNetTrainerFewShot.iterations_per_epoch_cap iterations; a schedule is rounded up
 # to whole epochs (a test checks the two agree).
@@ -36,7 +35,6 @@ class EstimateSettings:
     device: str = "auto"
     preset: str = "quick"
     iterations: Optional[int] = None           # None: the preset's
-    whole_volume: bool = True                  # also learn from the unpainted slices (a second round)
     max_size: Optional[int] = None             # None: as fine_tune decides (working_max_size); 0: native
     recompute_share: Optional[float] = None    # None: the engine's default (nnsam only)
 
@@ -89,41 +87,15 @@ class Workload:
 
     slices: int              # N, the scan's slices
     painted: int             # k
-    iterations: int          # the (first round's) training steps, whole epochs
+    iterations: int          # the training steps, whole epochs
     batch_size: int
     recompute_share: float   # share of steps that run the encoder on the batch (0 for nnunet)
     uses_encoder: bool
-    whole_volume: bool
-
-    @property
-    def self_training(self) -> bool:
-        # fine_tune trains one round when every slice is painted (nothing to learn from)
-        return self.whole_volume and self.slices > self.painted
-
-    @property
-    def candidate_slices(self) -> int:
-        return min(self.slices - self.painted, CANDIDATE_SLICES) if self.self_training else 0
-
-    @property
-    def pseudo_slices(self) -> int:
-        """At most: every candidate confident, up to MAX_PSEUDO_SLICES."""
-        return min(self.candidate_slices, MAX_PSEUDO_SLICES)
-
-    @property
-    def second_round_iterations(self) -> int:
-        return trained_iterations(second_round_iterations(self.iterations)) if self.self_training else 0
 
     @property
     def bank_slices(self) -> int:
-        """Slices whose embedding the banks compute: the painted ones, then in a second round each painted copy
-        (selftraining.weighted_painted repeats them to weigh as much as the predicted ones; each copy is a case of
-        its own) and each predicted slice."""
-        if not self.uses_encoder:
-            return 0
-        if not self.self_training:
-            return self.painted
-        copies = max(1, math.ceil(self.pseudo_slices / max(1, self.painted)))
-        return self.painted + copies * self.painted + self.pseudo_slices
+        """Slices whose embedding the bank computes before training: the painted ones."""
+        return self.painted if self.uses_encoder else 0
 
 
 @dataclass(frozen=True)
@@ -133,13 +105,12 @@ class Phases:
     bank_fill_s: float
     training_network_s: float
     training_encoder_s: float
-    pseudo_labelling_s: float
     segmentation_network_s: float
     segmentation_encoder_s: float
 
     @property
     def training_s(self) -> float:
-        return self.bank_fill_s + self.training_network_s + self.training_encoder_s + self.pseudo_labelling_s
+        return self.bank_fill_s + self.training_network_s + self.training_encoder_s
 
     @property
     def segmentation_s(self) -> float:
@@ -153,12 +124,11 @@ class Phases:
 def phases_of(work: Workload, costs: UnitCosts) -> Phases:
     """The cost model: each phase's count times its measured unit cost."""
     encoder = costs.encoder_call_s if work.uses_encoder else 0.0
-    steps = work.iterations + work.second_round_iterations
+    steps = work.iterations
     return Phases(
         bank_fill_s=work.bank_slices * encoder,
         training_network_s=steps * costs.train_step_s,
         training_encoder_s=steps * work.recompute_share * work.batch_size * encoder,
-        pseudo_labelling_s=work.candidate_slices * (costs.segment_slice_s + encoder),
         segmentation_network_s=work.slices * costs.segment_slice_s,
         segmentation_encoder_s=work.slices * encoder,  # one call per slice serves every tile and mirror
     )
@@ -209,8 +179,7 @@ class Estimate:
                 "slices": self.work.slices, "painted": self.work.painted, "image_size": list(self.image_size),
                 "working_size": list(self.plan.working_size), "patch_size": list(self.plan.patch_size),
                 "batch_size": self.plan.batch_size, "iterations": self.work.iterations,
-                "second_round_iterations": self.work.second_round_iterations,
-                "whole_volume": self.work.self_training, "recompute_share": self.work.recompute_share,
+                "recompute_share": self.work.recompute_share,
                 "phases_s": {k: round(v, 2) for k, v in phases.items()},
                 "training_s": round(self.training_s, 1), "segmentation_s": round(self.segmentation_s, 1),
                 "total_s": round(self.total_s, 1),
@@ -359,8 +328,7 @@ def estimate(image: os.PathLike, painted: Union[int, Sequence[int]], settings: E
         if uses_encoder else 0.0
     work = Workload(slices=slices, painted=painted,
                     iterations=trained_iterations(settings.iterations or PRESETS[settings.preset]),
-                    batch_size=plan.batch_size, recompute_share=share, uses_encoder=uses_encoder,
-                    whole_volume=settings.whole_volume)
+                    batch_size=plan.batch_size, recompute_share=share, uses_encoder=uses_encoder)
     precision = encoder_precision(device.type) if uses_encoder else None
     spec = ProbeSpec(device=device, method=settings.method, encoder=settings.encoder if uses_encoder else None,
                      patch_size=plan.patch_size, strides=plan.strides, kernel_sizes=plan.kernel_sizes,

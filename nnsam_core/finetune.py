@@ -22,8 +22,8 @@ from .config import NNSAMConfig
 from .devices import resolve_device
 from .errors import NNSAMError
 from .cases import (ImageLike, cases_from_nnunet_dataset, cases_from_sparse_slices, constant_image_warning,
-                    volume_and_labels)
-from .adapt import ADAPT_ITERATIONS, Parent, adapted_class_names, load_parent
+                    label_array)
+from .adapt import ADAPT_ITERATIONS, adapted_class_names, load_parent
 from .outputs import check_bundle_output
 from .postprocess import single_piece_classes
 from .presets import CPU_BATCH_SIZE, CPU_QUICK_MAX_SIZE, PRESETS, working_max_size  # noqa: F401
@@ -55,8 +55,7 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
               device: str = "auto", seed: int = 0, modality: str = "CT", resume: bool = False,
               overwrite: bool = False, start_from: Optional[os.PathLike] = None,
               checkpoint_every: Optional[int] = None, keep_work_dir: bool = False, max_size: Optional[int] = None,
-              progress: ProgressCallback = silent, nnsam_config: Optional[NNSAMConfig] = None,
-              whole_volume: Optional[bool] = None) -> Bundle:
+              progress: ProgressCallback = silent, nnsam_config: Optional[NNSAMConfig] = None) -> Bundle:
     """Fine-tune on annotated slices (``image`` + ``labels``) or an nnU-Net raw dataset (``dataset_dir``) and
     write a bundle to ``output``. Returns the loaded bundle.
 
@@ -69,9 +68,8 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
     the quick preset on a CPU, otherwise the native resolution), 0 = always the native resolution.
     ``nnsam_config``: the SAM branch's settings (default: the method's trainer's own); the trainer records them.
     ``checkpoint_every``: a resumable checkpoint every that many iterations (default: about every minute).
-    ``whole_volume``: also learn from the scan's unpainted slices (self-training, a second round of half the
-    iterations) and keep structures painted as one piece to their largest 3D piece; None = DEFAULT_WHOLE_VOLUME
-    for painted slices of one image, never for a dataset folder or ``start_from``."""
+    Painted slices of one image also choose the bundle's clean-up (postprocess.py): each structure painted as one
+    piece on every painted slice is kept to its largest 3D piece when segmenting."""
     if preset not in PRESETS:
         raise NNSAMError(f"unknown preset '{preset}'; choose quick or full")
     if iterations is not None and iterations < 1:
@@ -116,32 +114,25 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
         names = adapted_class_names(parent, names)
         channel_names = parent.bundle.dataset_json.get("channel_names", channel_names)
     total = iterations or (ADAPT_ITERATIONS if parent else PRESETS[preset])
-    whole_volume = _resolve_whole_volume(whole_volume, dataset_dir, parent)
     record = fingerprint(cases, {"classes": names, "slices": trained_slices, "channels": channel_names,
                                  "trainer": trainer_class.__name__, "iterations": total, "max_size": max_size,
-                                 "seed": seed, "start_from": parent.record()["id"] if parent else None,
-                                 **({"whole_volume": True} if whole_volume else {})})
+                                 "seed": seed, "start_from": parent.record()["id"] if parent else None})
     job = _Job(trainer_class, config, nnsam_config, names, channel_names, torch_device, seed, max_size, progress,
                checkpoint_every, keep_work_dir)
-    volume, clean_up = None, None
+    clean_up = None
     if dataset_dir is None:
-        volume, label_array = volume_and_labels(image, labels, names)
-        clean_up = {"largest_component": single_piece_classes(label_array, trained_slices, range(1, len(names) + 1))}
+        painted = label_array(image, labels, names)
+        clean_up = {"largest_component": single_piece_classes(painted, trained_slices, range(1, len(names) + 1))}
 
     with exclusive_output(output):
         root = _work_dir_for(output)
-        if not resume and root.exists():
-            shutil.rmtree(root)
-        if whole_volume:
-            trainer, extra = _self_train(job, root, cases, trained_slices, record, total, resume, volume, clean_up)
-        else:
-            trainer = _train_round(job, Workspace(root), cases, record, total, resume, parent)
-            extra = {"start_from": parent.record()} if parent is not None else {}
+        trainer = _train(job, Workspace(root), cases, record, total, resume, parent)
 
         progress(make_event("save", message=f"writing bundle {output}"))
         manifest = _manifest(trainer, names, preset, seed, torch_device, trained_slices,
                              image if isinstance(image, (str, os.PathLike)) else None, dataset_dir, max_size)
-        manifest["training"].update(extra)
+        if parent is not None:
+            manifest["training"]["start_from"] = parent.record()
         if clean_up is not None:
             manifest["postprocessing"] = clean_up
         _write_trained(trainer, output, manifest)
@@ -152,24 +143,9 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
     return bundle
 
 
-# Sparse painting of one volume trains on the volume's own unpainted slices too (self-training, see
-# selftraining.py) unless the caller says otherwise.
-DEFAULT_WHOLE_VOLUME = False
-
-
-def _resolve_whole_volume(requested: Optional[bool], dataset_dir, parent) -> bool:
-    if requested and dataset_dir is not None:
-        raise NNSAMError("whole-volume training needs one image with painted slices, not a dataset folder")
-    if requested and parent is not None:
-        raise NNSAMError("--start-from adapts on the painted slices alone; leave out whole-volume training")
-    if requested is None:
-        return DEFAULT_WHOLE_VOLUME and dataset_dir is None and parent is None
-    return requested
-
-
 @dataclass(frozen=True)
 class _Job:
-    """What every training round of one fine-tune shares."""
+    """The training's settings, fixed before any work."""
 
     trainer_class: type
     config: Optional[NNSAMConfig]
@@ -184,7 +160,7 @@ class _Job:
     keep_work_dir: bool
 
 
-def _train_round(job: _Job, workspace: Workspace, cases, record: dict, total: int, resume: bool, parent=None):
+def _train(job: _Job, workspace: Workspace, cases, record: dict, total: int, resume: bool, parent=None):
     """One nnU-Net training on ``cases`` in ``workspace``, resumed from its checkpoint when asked and present."""
     checkpoint = workspace.output_folder(job.trainer_class.__name__) / "checkpoint_latest.pth"
     resuming = resume and checkpoint.is_file()
@@ -218,47 +194,6 @@ def _write_trained(trainer, output: Path, manifest: dict) -> None:
     network = trainer._network_module() if hasattr(trainer, "_network_module") else trainer.network
     write_bundle(output, manifest, trainer.plans_manager.plans, trainer.dataset_json, network.state_dict(),
                  trainer.inference_allowed_mirroring_axes)
-
-
-def _self_train(job: _Job, root: Path, cases, painted: Sequence[int], record: dict, total: int, resume: bool,
-                volume, clean_up: dict):
-    """Two rounds: the painted slices alone, then the painted slices with the first model's confident
-    predictions on the scan's other slices (selftraining.py). Each round resumes on its own; a finished first
-    round is kept as a bundle in the work folder."""
-    from .predict import Segmenter
-    from .selftraining import pseudo_labels, second_round_iterations, weighted_painted
-
-    if volume.GetSize()[2] <= len(painted):  # every slice painted: nothing to self-train on
-        return _train_round(job, Workspace(root), cases, record, total, resume), {}
-    first = root / "round1-model"
-    first_ok = resume and (first / "nnsam.json").is_file()
-    if first_ok:
-        try:
-            round1 = Bundle.load(first)
-        except NNSAMError:
-            first_ok = False
-    if not first_ok:
-        job.progress(make_event("plan", message="round 1 of 2: the painted slices"))
-        trainer = _train_round(job, Workspace(root / "round1"), cases, record, total, resume)
-        manifest = _manifest(trainer, job.names, "round1", job.seed, job.device, list(painted), None, None,
-                             job.max_size)
-        manifest["postprocessing"] = clean_up
-        if first.exists():
-            shutil.rmtree(first)
-        _write_trained(trainer, first, manifest)
-        round1 = Bundle.load(first)
-    found = pseudo_labels(Segmenter(round1, job.device), volume, painted, job.progress)
-    second_cases = weighted_painted(cases, len(found.cases)) + found.cases
-    second_total = second_round_iterations(total)
-    job.progress(make_event("plan", message=f"round 2 of 2: the painted slices and {len(found.slices)} slices the "
-                            "first model segmented confidently"))
-    second_record = fingerprint(second_cases, {**record, "round": 2, "iterations": second_total})
-    trainer = _train_round(job, Workspace(root / "round2"), second_cases, second_record, second_total, resume,
-                           Parent(round1, first))
-    extra = {"self_training": {"first_round_iterations": total, "second_round_iterations": second_total,
-                               "pseudo_slices": found.slices,
-                               "confidence": {str(z): round(c, 4) for z, c in found.confidence.items()}}}
-    return trainer, extra
 
 
 def cap_batch_size(workspace: Workspace, plans: dict, batch_size: int) -> None:

@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -86,20 +86,12 @@ class Segmenter:
         self.encoder.to(device)
         return self.encoder
 
-    def segment(self, image: sitk.Image, progress: ProgressCallback = silent) -> sitk.Image:
-        return self._segment(image, progress, with_confidence=False)[0]
-
-    def segment_with_confidence(self, image: sitk.Image, progress: ProgressCallback = silent
-                                ) -> tuple[sitk.Image, np.ndarray]:
-        """The labels, and each voxel's probability of its label ((Z, Y, X) float16, the image's array order)."""
-        return self._segment(image, progress, with_confidence=True)
-
     @property
     def largest_component_classes(self) -> list[int]:
         """Class values the bundle keeps to their largest 3D piece (chosen from the painting at training)."""
         return list((self.bundle.manifest.get("postprocessing") or {}).get("largest_component", []))
 
-    def _segment(self, image: sitk.Image, progress: ProgressCallback, with_confidence: bool):
+    def segment(self, image: sitk.Image, progress: ProgressCallback = silent) -> sitk.Image:
         check_image(image, "image")
         volume = as_volume(image)
         attempts = [(self.device, DEFAULT_SLAB)]
@@ -107,7 +99,7 @@ class Segmenter:
             attempts += [(self.device, 2), (torch.device("cpu"), DEFAULT_SLAB)]
         for i, (device, slab) in enumerate(attempts):
             try:
-                labels, confidence = self._segment_volume(volume, device, slab, progress, with_confidence)
+                labels = self._segment_volume(volume, device, slab, progress)
                 break
             except torch.cuda.OutOfMemoryError:
                 if i == len(attempts) - 1:
@@ -125,7 +117,7 @@ class Segmenter:
         out.CopyInformation(volume)
         if image.GetDimension() == 2:
             out = out[:, :, 0]
-        return out, confidence
+        return out
 
     @property
     def trained_on_single_slices(self) -> bool:
@@ -143,8 +135,7 @@ class Segmenter:
                 data, None, properties, self.plans_manager, self.configuration_manager, self.bundle.dataset_json)
         return data, properties
 
-    def _segment_volume(self, volume: sitk.Image, device: torch.device, slab: int, progress,
-                        with_confidence: bool = False) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    def _segment_volume(self, volume: sitk.Image, device: torch.device, slab: int, progress) -> np.ndarray:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
         data, properties = self.preprocess(volume)
@@ -163,8 +154,7 @@ class Segmenter:
             bank = EmbeddingBank(encoder, lambda keys: [data[0, k - 1] for k in keys],
                                  batch_size=slab if device.type == "cuda" else CPU_ENCODER_BATCH)
             self.network.attach_bank(bank)
-        to_labels = _SlabToLabels(self.plans_manager, self.configuration_manager, self.label_manager, properties,
-                                  with_confidence)
+        to_labels = _SlabToLabels(self.plans_manager, self.configuration_manager, self.label_manager, properties)
         started = time.monotonic()
         try:
             for z0 in range(0, n_slices, slab):
@@ -186,7 +176,7 @@ class Segmenter:
             if bank is not None:
                 self.encoder_calls += bank.encoder_calls
                 self.network.attach_bank(None)
-        return to_labels.result(), (to_labels.confidence_result() if with_confidence else None)
+        return to_labels.result()
 
 
 # Normalisation schemes whose parameters come from the training set, not from the image at hand.
@@ -222,8 +212,7 @@ class _SlabToLabels:
     The 2d configuration never resamples along the slice axis, so a slab's labels depend on that slab alone.
     """
 
-    def __init__(self, plans_manager, configuration_manager, label_manager, properties: dict,
-                 with_confidence: bool = False):
+    def __init__(self, plans_manager, configuration_manager, label_manager, properties: dict):
         self.plans_manager, self.configuration_manager, self.label_manager = plans_manager, configuration_manager, \
             label_manager
         self.properties = properties
@@ -232,7 +221,6 @@ class _SlabToLabels:
         self.current_spacing = [spacing[0], *configuration_manager.spacing]
         dtype = np.uint8 if len(label_manager.foreground_labels) < 255 else np.uint16
         self.labels = np.zeros(properties["shape_after_cropping_and_before_resampling"], dtype=dtype)
-        self.confidence = np.ones(self.labels.shape, np.float16) if with_confidence else None
 
     def add(self, z0: int, z1: int, logits: torch.Tensor) -> None:
         target = (z1 - z0, *self.labels.shape[1:])
@@ -240,22 +228,13 @@ class _SlabToLabels:
             resampled = self.configuration_manager.resampling_fn_probabilities(
                 logits, target, self.current_spacing, self.original_spacing)
             labels = self.label_manager.convert_logits_to_segmentation(resampled)
-            if self.confidence is not None:
-                probabilities = self.label_manager.apply_inference_nonlin(torch.as_tensor(resampled))
-                self.confidence[z0:z1] = probabilities.max(0).values.numpy()
         self.labels[z0:z1] = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels)
 
     def result(self) -> np.ndarray:
-        return self._uncropped(self.labels, 0)
-
-    def confidence_result(self) -> np.ndarray:
-        return self._uncropped(self.confidence, 1)  # nnU-Net crops away only zeros: background for certain
-
-    def _uncropped(self, cropped: np.ndarray, fill) -> np.ndarray:
         from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
 
-        full = np.full(self.properties["shape_before_cropping"], fill, dtype=cropped.dtype)
-        full = insert_crop_into_image(full, cropped, self.properties["bbox_used_for_cropping"])
+        full = np.zeros(self.properties["shape_before_cropping"], dtype=self.labels.dtype)
+        full = insert_crop_into_image(full, self.labels, self.properties["bbox_used_for_cropping"])
         return np.ascontiguousarray(np.asarray(full).transpose(self.plans_manager.transpose_backward))
 
 

@@ -157,7 +157,7 @@ class EngineCommandBuilder:
         args += ["--progress", self.progressFormat]
         return self._command(*args)
 
-    def estimate(self, image: str, painted: int, options: TrainOptions, wholeVolume: bool = True) -> EngineCommand:
+    def estimate(self, image: str, painted: int, options: TrainOptions) -> EngineCommand:
         """The expected time of the fine-tune ``options`` describe on ``painted`` slices of ``image``, plus the
         segmentation of all of its slices (one JSON object on stdout)."""
         options.validate()
@@ -171,8 +171,6 @@ class EngineCommandBuilder:
             args += ["--iterations", int(options.iterations)]
         if options.recomputeShare is not None and options.method == "nnsam":
             args += ["--recompute-share", f"{float(options.recomputeShare):g}"]
-        if not wholeVolume:
-            args.append("--painted-only")
         args.append("--json")
         return self._command(*args)
 

@@ -32,26 +32,23 @@ class EstimateRequest:
     painted: int
     paintedAssumed: bool       # nothing painted yet: ASSUMED_PAINTED
     options: TrainOptions      # method, encoder, preset, device, iterations, recompute share
-    wholeVolume: bool = True   # the engine's default for painted slices of one volume
 
 
 def estimateRequest(dimensions: Sequence[int], spacing: Sequence[float], paintedSlices: Optional[Sequence[int]],
                     options: TrainOptions, startFromMethod: str = "", startFromEncoder: str = "") \
         -> EstimateRequest:
     """What to ask the engine for the panel's current choices. A fine-tune from a saved model takes that model's
-    method and encoder, trains ADAPT_ITERATIONS by default, and learns from the painted slices alone."""
+    method and encoder and trains ADAPT_ITERATIONS by default."""
     painted = len(set(paintedSlices or ()))
-    wholeVolume = True
     if options.startFrom:
         method = startFromMethod if startFromMethod in ("nnsam", "nnunet") else "nnsam"
         options = dataclasses.replace(options, startFrom=None, method=method,
                                       encoder=startFromEncoder or options.encoder,
                                       iterations=options.iterations or ADAPT_ITERATIONS)
-        wholeVolume = False
     if options.method == "nnunet":
         options = dataclasses.replace(options, recomputeShare=None)
     return EstimateRequest(tuple(int(d) for d in dimensions), tuple(float(s) for s in spacing),
-                           painted or ASSUMED_PAINTED, painted == 0, options, wholeVolume)
+                           painted or ASSUMED_PAINTED, painted == 0, options)
 
 
 def writeGeometryHeader(path: str, request: EstimateRequest) -> None:
@@ -102,8 +99,7 @@ def estimateText(data: dict, paintedAssumed: bool = False) -> str:
 def estimateToolTip(data: dict) -> str:
     phases = data.get("phases_s") or {}
     names = {"bank_fill_s": "SAM features of the training slices", "training_network_s": "training, network",
-             "training_encoder_s": "training, SAM encoder", "pseudo_labelling_s": "segmenting unpainted slices to "
-             "learn from", "segmentation_network_s": "segmenting, network",
+             "training_encoder_s": "training, SAM encoder", "segmentation_network_s": "segmenting, network",
              "segmentation_encoder_s": "segmenting, SAM encoder"}
     lines = [f"{label}: {roughDuration(phases[key])}" for key, label in names.items()
              if isinstance(phases.get(key), (int, float)) and phases[key] > 0]

@@ -399,7 +399,7 @@ class NNSAMWorkflow:
         def makeCommand(jobDirectory: str) -> EngineCommand:
             path = geometryFilePath(jobDirectory)
             writeGeometryHeader(path, request)
-            return self.commandBuilder.estimate(path, request.painted, request.options, request.wholeVolume)
+            return self.commandBuilder.estimate(path, request.painted, request.options)
 
         return self._startJob("estimate", "Estimating the fine-tune's time", makeCommand, background=True)
 

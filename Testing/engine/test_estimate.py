@@ -17,68 +17,34 @@ from nnsam_core.estimate import (EstimateSettings, ImageGeometry, UnitCosts, Wor
                                  trained_iterations, working_plan)
 
 COSTS = UnitCosts(train_step_s=0.5, encoder_call_s=2.0, segment_slice_s=0.25)
-PAINTED_ONLY = Workload(slices=160, painted=5, iterations=1000, batch_size=2, recompute_share=0.1,
-                        uses_encoder=True, whole_volume=False)
+WORK = Workload(slices=160, painted=5, iterations=1000, batch_size=2, recompute_share=0.1, uses_encoder=True)
 
 
-def test_painted_only_nnsam_phase_by_phase():
-    p = phases_of(PAINTED_ONLY, COSTS)
+def test_nnsam_phase_by_phase():
+    p = phases_of(WORK, COSTS)
     assert p.bank_fill_s == pytest.approx(5 * 2.0)                        # k encoder calls
     assert p.training_network_s == pytest.approx(1000 * 0.5)
     assert p.training_encoder_s == pytest.approx(1000 * 0.1 * 2 * 2.0)    # share x batch x call per step
-    assert p.pseudo_labelling_s == 0
     assert p.segmentation_network_s == pytest.approx(160 * 0.25)
     assert p.segmentation_encoder_s == pytest.approx(160 * 2.0)
     assert (p.training_s, p.segmentation_s, p.total_s) == pytest.approx((910, 360, 1270))
 
 
-def test_whole_volume_adds_a_second_round_pseudo_labels_and_their_embeddings():
-    p = phases_of(replace(PAINTED_ONLY, whole_volume=True), COSTS)
-    steps = 1000 + 500                                                   # SECOND_ROUND_SHARE of the iterations
-    assert p.training_network_s == pytest.approx(steps * 0.5)
-    assert p.training_encoder_s == pytest.approx(steps * 0.1 * 2 * 2.0)
-    assert p.pseudo_labelling_s == pytest.approx(48 * (0.25 + 2.0))      # CANDIDATE_SLICES segmented once
-    # round 1: 5 painted; round 2: the 5 painted repeated 5 times (to weigh as much as 24 predicted) + 24 predicted
-    assert p.bank_fill_s == pytest.approx((5 + 25 + 24) * 2.0)
-    assert p.segmentation_s == pytest.approx(phases_of(PAINTED_ONLY, COSTS).segmentation_s)
-
-
 def test_nnunet_has_no_encoder_phases():
-    nnunet = replace(PAINTED_ONLY, uses_encoder=False, recompute_share=0.0)
+    nnunet = replace(WORK, uses_encoder=False, recompute_share=0.0)
     p = phases_of(nnunet, COSTS)
     assert p.bank_fill_s == p.training_encoder_s == p.segmentation_encoder_s == 0
     assert p.total_s == pytest.approx(1000 * 0.5 + 160 * 0.25)
-    whole = phases_of(replace(nnunet, whole_volume=True), COSTS)
-    assert whole.total_s == pytest.approx(1500 * 0.5 + 48 * 0.25 + 160 * 0.25)
-    assert whole.bank_fill_s == 0
 
 
 def test_scaling_with_the_volume_and_the_painted_slices():
-    base = phases_of(PAINTED_ONLY, COSTS)
-    twice_the_slices = phases_of(replace(PAINTED_ONLY, slices=320), COSTS)
+    base = phases_of(WORK, COSTS)
+    twice_the_slices = phases_of(replace(WORK, slices=320), COSTS)
     assert twice_the_slices.segmentation_s == pytest.approx(2 * base.segmentation_s)
     assert twice_the_slices.training_s == pytest.approx(base.training_s)  # training sees the painted slices only
-    more_painted = phases_of(replace(PAINTED_ONLY, painted=10), COSTS)
+    more_painted = phases_of(replace(WORK, painted=10), COSTS)
     assert more_painted.bank_fill_s == pytest.approx(2 * base.bank_fill_s)
     assert more_painted.training_network_s == base.training_network_s      # steps, not slices, set training
-    # a short volume offers fewer unpainted slices than CANDIDATE_SLICES; every slice painted: no second round
-    short = replace(PAINTED_ONLY, slices=20, whole_volume=True)
-    assert phases_of(short, COSTS).pseudo_labelling_s == pytest.approx(15 * 2.25)
-    all_painted = replace(PAINTED_ONLY, slices=5, whole_volume=True)
-    assert phases_of(all_painted, COSTS) == phases_of(replace(all_painted, whole_volume=False), COSTS)
-
-
-def test_whole_volume_counts_follow_selftraining():
-    selftraining = pytest.importorskip("nnsam_core.selftraining")
-    from nnsam_core.workspace import TrainingCase
-
-    work = replace(PAINTED_ONLY, slices=200, painted=7, whole_volume=True)
-    assert work.candidate_slices == selftraining.CANDIDATE_SLICES
-    assert work.pseudo_slices == selftraining.MAX_PSEUDO_SLICES
-    assert work.second_round_iterations == selftraining.second_round_iterations(1000)
-    painted_cases = [TrainingCase(f"s{i}", None, None) for i in range(7)]
-    second_round_cases = len(selftraining.weighted_painted(painted_cases, work.pseudo_slices)) + work.pseudo_slices
-    assert work.bank_slices == 7 + second_round_cases
 
 
 def test_iterations_are_whole_epochs_as_the_trainer_schedules_them():
@@ -132,9 +98,9 @@ def test_second_estimate_measures_nothing(tmp_path, monkeypatch):
     assert list(cached.values()) == [{"train_step_s": 0.5, "encoder_call_s": 2.0, "segment_slice_s": 0.25,
                                       "load_per_core": 0.1}]
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["estimates.json"]  # no temporary left
-    again = estimate(image, [0, 4, 9], replace(settings, whole_volume=False), probe=probe)
+    again = estimate(image, [0, 4, 9], replace(settings, iterations=50), probe=probe)
     assert len(probe.specs) == 1 and not again.measured_now and again.costs == COSTS
-    assert again.work.painted == 3 and not again.work.self_training
+    assert again.work.painted == 3 and again.work.iterations == 50
     estimate(image, 3, replace(settings, method="nnunet"), probe=probe)     # another kind of job: measured
     assert len(probe.specs) == 2 and probe.specs[1].encoder is None
     estimate(image, 3, settings, probe=probe, remeasure=True)
@@ -209,12 +175,12 @@ def test_estimate_end_to_end_with_a_real_probe(capsys, tmp_path, monkeypatch):
     result = json.loads(out)
     assert (result["device"], result["method"], result["encoder"]) == ("cpu", "nnsam", "litemedsam")
     assert (result["slices"], result["painted"], result["working_size"], result["batch_size"]) == (10, 3, [64, 64], 2)
-    assert result["whole_volume"] is True and result["measured_now"] is True and result["probe_s"] > 0
+    assert result["measured_now"] is True and result["probe_s"] > 0
     assert all(v > 0 for v in result["unit_costs_s"].values())
     assert result["total_s"] == pytest.approx(result["training_s"] + result["segmentation_s"], abs=0.2)
     assert math.isclose(sum(result["phases_s"].values()), result["total_s"], abs_tol=0.5)
 
-    code, out, err = run_cli(capsys, "estimate", image, "--slices", "3", "--device", "cpu", "--painted-only")
+    code, out, err = run_cli(capsys, "estimate", image, "--slices", "3", "--device", "cpu")
     assert code == 0 and "measuring" not in err                    # the measurement was kept
     assert out.startswith("expected on cpu: about ") and "10 slices at 64x64, 3 painted" in out
     assert len(out.strip().splitlines()) == 1

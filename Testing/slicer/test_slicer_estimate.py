@@ -20,7 +20,7 @@ from NNSAMSegmentLib.Workflow import NNSAMWorkflow
 ANSWER = {"device": "cpu", "method": "nnsam", "slices": 160, "painted": 5, "working_size": [128, 128],
           "iterations": 1000, "training_s": 712.0, "segmentation_s": 131.0, "total_s": 843.0,
           "phases_s": {"bank_fill_s": 5.0, "training_network_s": 500.0, "training_encoder_s": 207.0,
-                       "pseudo_labelling_s": 0.0, "segmentation_network_s": 40.0, "segmentation_encoder_s": 91.0}}
+                       "segmentation_network_s": 40.0, "segmentation_encoder_s": 91.0}}
 
 
 def test_estimate_command():
@@ -30,21 +30,20 @@ def test_estimate_command():
     assert list(command.args) == ["-m", "nnsam_core.cli", "estimate", "/j/geometry.mhd", "--slices", "5",
                                   "--method", "nnsam", "--encoder", "litemedsam", "--device", "cpu",
                                   "--preset", "quick", "--recompute-share", "0.25", "--json"]
-    paintedOnly = builder.estimate("/g.mhd", 3, TrainOptions(method="nnunet", iterations=50), wholeVolume=False)
-    assert list(paintedOnly.args[-6:]) == ["--preset", "quick", "--iterations", "50", "--painted-only", "--json"]
-    assert "--recompute-share" not in paintedOnly.args
+    nnunet = builder.estimate("/g.mhd", 3, TrainOptions(method="nnunet", iterations=50))
+    assert list(nnunet.args[-5:]) == ["--preset", "quick", "--iterations", "50", "--json"]
+    assert "--recompute-share" not in nnunet.args
 
 
 def test_estimate_command_parses_with_the_real_engine_command_line():
     cli = pytest.importorskip("nnsam_core.cli")
     builder = EngineCommandBuilder("python")
     command = builder.estimate("g.mhd", 7, TrainOptions(encoder="mobilesam", preset="full", device="cuda",
-                                                        recomputeShare=0.0), wholeVolume=False)
+                                                        recomputeShare=0.0))
     args = cli.build_parser().parse_args(list(command.args[2:]))
     assert (args.verb, args.image, args.slices, args.encoder, args.method) == ("estimate", "g.mhd", "7",
                                                                               "mobilesam", "nnsam")
-    assert (args.preset, args.device, args.recompute_share, args.painted_only, args.json) == (
-        "full", "cuda", 0.0, True, True)
+    assert (args.preset, args.device, args.recompute_share, args.json) == ("full", "cuda", 0.0, True)
 
 
 def test_request_for_a_saved_model_uses_its_method_and_short_schedule():
@@ -52,9 +51,9 @@ def test_request_for_a_saved_model_uses_its_method_and_short_schedule():
     request = estimateRequest((512, 512, 80), (0.7, 0.7, 2.5), [10, 20, 20], options, "nnunet", "")
     assert request.options.method == "nnunet" and request.options.startFrom is None
     assert request.options.iterations == 250 and request.options.recomputeShare is None
-    assert (request.painted, request.paintedAssumed, request.wholeVolume) == (2, False, False)
+    assert (request.painted, request.paintedAssumed) == (2, False)
     fresh = estimateRequest((512, 512, 80), (0.7, 0.7, 2.5), None, TrainOptions())
-    assert (fresh.painted, fresh.paintedAssumed, fresh.wholeVolume) == (ASSUMED_PAINTED, True, True)
+    assert (fresh.painted, fresh.paintedAssumed) == (ASSUMED_PAINTED, True)
 
 
 def test_the_engine_reads_the_geometry_header(tmp_path):

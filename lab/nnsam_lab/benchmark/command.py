@@ -8,7 +8,7 @@ from nnsam_core.errors import NNSAMError
 from nnsam_core.methods import (DEFAULT_RECOMPUTE_SHARE, ENCODER_NAMES, INJECT_STRIDES, LAB_METHOD_HELP, SAM_INPUTS,
                                 check_recompute_share)
 
-from .fill import BENCH_METHODS, FILL_HELP, WHOLE_HELP
+from .fill import BENCH_METHODS, FILL_HELP
 
 DESCRIPTION = """\
 Compare nnSAM with nnU-Net (and, as a control, nnSAM with a random frozen encoder) when few slices are annotated.
@@ -55,8 +55,7 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--in-volume", action="store_true",
                         help="in-volume protocol: annotate k slices of each volume, score the others")
     parser.add_argument("--methods", nargs="+", default=["nnsam", "nnunet"],
-                        choices=BENCH_METHODS, help="default: nnsam nnunet. " + LAB_METHOD_HELP + "; " + WHOLE_HELP + "; " +
-                        FILL_HELP)
+                        choices=BENCH_METHODS, help="default: nnsam nnunet. " + LAB_METHOD_HELP + "; " + FILL_HELP)
     parser.add_argument("--sizes", nargs="+", type=int, default=[4, 8, 12, 16, 20], metavar="N",
                         help="training set sizes in slices (labelled-slices protocol; default: 4 8 12 16 20)")
     parser.add_argument("--split", choices=("patient", "slice"),

@@ -35,22 +35,9 @@ from nnsam_core.errors import NNSAMError
 from nnsam_core.methods import METHODS
 
 FILL_BETWEEN = "fill-between"
-# An engine method trained on the painted slices and the scan's own other slices (fine_tune's whole_volume); the
-# engine methods without it train on the painted slices alone, as every earlier report did.
-WHOLE_VOLUME_SUFFIX = "-whole"
-WHOLE_VOLUME_METHODS = ("nnsam-whole", "nnunet-whole")
 # The lab's methods: the engine's networks plus the clinician's baseline, which trains nothing and so is the lab's
 # alone (the engine's METHODS are what a bundle can be trained with).
-BENCH_METHODS = METHODS + WHOLE_VOLUME_METHODS + (FILL_BETWEEN,)
-WHOLE_HELP = ("nnsam-whole, nnunet-whole: also trained on the scan's unpainted slices (self-training) with the "
-              "painting's clean-up, in-volume protocol only")
-
-
-def engine_method(method: str) -> tuple[str, bool]:
-    """The engine method a lab method trains with, and whether it uses the whole volume."""
-    if method.endswith(WHOLE_VOLUME_SUFFIX):
-        return method[:-len(WHOLE_VOLUME_SUFFIX)], True
-    return method, False
+BENCH_METHODS = METHODS + (FILL_BETWEEN,)
 FILL_HELP = ("fill-between: no training; the annotated slices' labels interpolated between them along the slice "
              "axis with ITK's morphological contour interpolation (Slicer's \"Fill between slices\"), in-volume "
              "protocol only")

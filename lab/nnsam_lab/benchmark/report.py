@@ -28,10 +28,8 @@ import numpy as np
 from .splits import Unit
 
 METRICS = (("dice", "Dice (%)"), ("asd_mm", "ASD (mm)"))
-METHOD_ORDER = ("fill-between", "nnsam-whole", "nnunet-whole", "nnsam", "nnunet", "nnsam-random",
-                "nnsam-recomputed")
+METHOD_ORDER = ("fill-between", "nnsam", "nnunet", "nnsam-random", "nnsam-recomputed")
 METHOD_LABELS = {"nnsam": "nnSAM", "nnunet": "nnU-Net", "nnsam-random": "nnSAM (random encoder)",
-                 "nnsam-whole": "nnSAM, whole volume", "nnunet-whole": "nnU-Net, whole volume",
                  "nnsam-recomputed": "nnSAM (embeddings recomputed every step)",
                  "fill-between": "Fill between slices"}
 BASELINE = "fill-between"     # the clinician's baseline, every in-volume method is compared with it

@@ -35,7 +35,7 @@ import SimpleITK as sitk
 from nnsam_core.errors import NNSAMError
 from nnsam_core.methods import DEFAULT_RECOMPUTE_SHARE, LEGACY_RECOMPUTE_SHARE
 from .data import DatasetInfo, UnitStore, pick_volumes, read_dataset, with_sparse_volumes
-from .fill import BENCH_METHODS, FILL_BETWEEN, WHOLE_VOLUME_METHODS, engine_method, fill_between, load_itk
+from .fill import BENCH_METHODS, FILL_BETWEEN, fill_between, load_itk
 from .splits import Unit, default_split_mode, evenly_spaced, make_split
 
 PROTOCOLS = ("slices", "in-volume")
@@ -87,7 +87,6 @@ class Settings:
     def nnsam_config(self, method: str):
         """The SAM branch of ``method`` under these settings (None: the method's own trainer as it is)."""
         chosen = {name: getattr(self, name) for name in self.SAM_BRANCH_FIELDS if getattr(self, name) is not None}
-        method = engine_method(method)[0]
         if method in ("nnunet", FILL_BETWEEN) or not chosen:
             return None
         from nnsam_core.training.registry import config_of_trainer, trainer_for
@@ -449,10 +448,8 @@ def run_in_volume_benchmark(dataset_dir, report_dir, plan: Plan, count: Optional
             record = _fill_record(started)
         else:
             log(f"[{i}/{len(runs)}] {method} k={k} seed={seed} {volume}: training on slices {slices}")
-            trained_method, whole_volume = engine_method(method)
             bundle = _load_or_train(run_dir / "model", log, image=image, labels=gt, slices=slices,
-                                    class_names=info.class_names, modality=info.channel_name, method=trained_method,
-                                    whole_volume=whole_volume,
+                                    class_names=info.class_names, modality=info.channel_name, method=method,
                                     encoder=settings.encoder, preset=settings.preset, iterations=settings.iterations,
                                     device=settings.device, seed=seed, nnsam_config=settings.nnsam_config(method),
                                     progress=_train_progress(log))
@@ -513,10 +510,6 @@ def _check_methods(plan: Plan) -> None:
     if plan.settings.protocol != "in-volume" and FILL_BETWEEN in plan.methods:
         raise NNSAMError("fill-between interpolates between the annotated slices of one volume, so it runs in the "
                          "in-volume protocol only; add --in-volume or drop it from --methods")
-    whole = [m for m in plan.methods if m in WHOLE_VOLUME_METHODS]
-    if plan.settings.protocol != "in-volume" and whole:
-        raise NNSAMError(f"{whole[0]} learns from the unpainted slices of one volume, so it runs in the in-volume "
-                         "protocol only; add --in-volume or drop it from --methods")
 
 
 def _check_classes(plan: Plan, info: DatasetInfo) -> None:
