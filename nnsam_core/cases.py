@@ -70,8 +70,3 @@ def constant_image_warning(image: sitk.Image) -> Optional[str]:
     if low == high:
         return f"every voxel of the image has the value {low:g}: the model can learn nothing from it; check the image"
     return None
-
-
-def label_array(image: ImageLike, labels: ImageLike, class_names: Sequence[str]) -> np.ndarray:
-    """The label map as an array (Z, Y, X) on the image's grid, read as for training."""
-    return sitk.GetArrayFromImage(read_labels(labels, _as_image(image, "image"), class_names).image)

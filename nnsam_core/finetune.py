@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 from . import __version__
@@ -21,8 +22,7 @@ from .bundle_files import exclusive_output, write_bundle
 from .config import NNSAMConfig
 from .devices import resolve_device
 from .errors import NNSAMError
-from .cases import (ImageLike, cases_from_nnunet_dataset, cases_from_sparse_slices, constant_image_warning,
-                    label_array)
+from .cases import ImageLike, cases_from_nnunet_dataset, cases_from_sparse_slices, constant_image_warning
 from .adapt import ADAPT_ITERATIONS, adapted_class_names, load_parent
 from .outputs import check_bundle_output
 from .postprocess import single_piece_classes
@@ -121,8 +121,9 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
                checkpoint_every, keep_work_dir)
     clean_up = None
     if dataset_dir is None:
-        painted = label_array(image, labels, names)
-        clean_up = {"largest_component": single_piece_classes(painted, trained_slices, range(1, len(names) + 1))}
+        # the painted slices' labels are the training cases' own: the label map is not read again
+        painted = np.stack([sitk.GetArrayViewFromImage(case.labels)[0] for case in cases])
+        clean_up = {"largest_component": single_piece_classes(painted, range(len(cases)), range(1, len(names) + 1))}
 
     with exclusive_output(output):
         root = _work_dir_for(output)
