@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -446,6 +447,97 @@ def test_in_volume_protocol_trains_on_k_slices_and_scores_the_others(tmp_path, m
     text = (tmp_path / "report" / "report.md").read_text()
     assert "in-volume protocol" in text and "| nnSAM | 100.00 ± 0.00 | 100.00 ± 0.00 |" in text
     assert (tmp_path / "report" / "examples.png").is_file() and (tmp_path / "report" / "dice_vs_size.png").is_file()
+
+
+class _FakeParent:
+    def __init__(self, path):
+        self.bundle, self.path = _FakeBundle(), Path(path)
+
+    def record(self):
+        return {"name": self.path.name, "id": "parent-id"}
+
+
+def _start_from_fakes(monkeypatch) -> list[dict]:
+    """fine_tune writes a bundle marker and records what it started from; the saved model loads as a fake."""
+    import nnsam_core.adapt as adapt
+    import nnsam_core.finetune as finetune
+    import nnsam_core.predict as predict
+
+    calls = []
+
+    def fake_fine_tune(**kwargs):
+        calls.append(kwargs)
+        Path(kwargs["output"]).mkdir(parents=True)
+        (Path(kwargs["output"]) / "nnsam.json").write_text("{}")
+        bundle = _FakeBundle()
+        bundle.manifest = {"training": {**_FakeBundle.manifest["training"],
+                                        "start_from": {"name": Path(kwargs["start_from"]).name}}}
+        return bundle
+
+    monkeypatch.setattr(finetune, "fine_tune", fake_fine_tune)
+    monkeypatch.setattr(predict, "Segmenter", _PerfectSegmenter)
+    monkeypatch.setattr(adapt, "load_parent", lambda path, *a: _FakeParent(path))
+    return calls
+
+
+def test_start_from_methods_adapt_a_saved_model_alone_and_in_a_chain(tmp_path, monkeypatch):
+    calls = _start_from_fakes(monkeypatch)
+    ds = _write_dataset(tmp_path / "Dataset995_Vol", volumes={"vol_01": (9, [1, 2, 3, 4, 5, 6, 7]),
+                                                              "vol_02": (8, [0, 1, 2, 3, 4, 5]),
+                                                              "vol_03": (8, [1, 3, 5, 6])})
+    base = tmp_path / "base_model"
+    settings = Settings(protocol="in-volume", dataset=str(ds.resolve()), device="cpu")
+    plan = Plan(settings=settings, methods=["base-model", "adapt", "adapt-chained"], annotated=[1, 2], seeds=[0],
+                start_from=str(base))
+    report = tmp_path / "report"
+    run_in_volume_benchmark(ds, report, plan, log=lambda _: None)
+    # the saved model alone trains nothing; the two adapting methods train once per volume and k
+    assert len(calls) == 2 * 2 * 3
+    for kwargs in calls:
+        assert "method" not in kwargs and "encoder" not in kwargs and "nnsam_config" not in kwargs
+    adapt_starts = [Path(c["start_from"]) for c in calls if "/adapt/" in str(c["output"])]
+    assert adapt_starts == [base] * 6
+    chained = [(Path(c["output"]).parent.name, Path(c["start_from"])) for c in calls
+               if "/adapt-chained/" in str(c["output"]) and "/k2_seed0/" in str(c["output"])]
+    runs = report / "runs" / "adapt-chained" / "k2_seed0"
+    assert chained == [("vol_01", base), ("vol_02", runs / "vol_01" / "model"), ("vol_03", runs / "vol_02" / "model")]
+    # a chained model is the next volume's start, so it is kept; the others go as --keep-models says
+    assert (runs / "vol_03" / "model" / "nnsam.json").is_file()
+    assert not (report / "runs" / "adapt" / "k2_seed0" / "vol_01" / "model").exists()
+    # every method of one k is scored on the same slices, the saved model alone included
+    for volume in ("vol_01", "vol_02", "vol_03"):
+        scored = {m: json.loads((report / "runs" / m / "k2_seed0" / volume / "metrics.json").read_text())
+                  for m in plan.methods}
+        assert len({tuple(r["scored_slices"]) for r in scored.values()}) == 1
+        assert scored["base-model"]["iterations"] == 0 and scored["base-model"]["train_seconds"] == 0
+        assert scored["base-model"]["start_from"]["name"] == "base_model"
+    state = json.loads((report / "benchmark.json").read_text())
+    assert state["invocations"][-1]["start_from"] == str(base)
+    assert "| Adapted from the saved model |" in (report / "report.md").read_text()
+
+
+def test_start_from_methods_are_refused_without_their_saved_model_or_chain(tmp_path, monkeypatch):
+    _start_from_fakes(monkeypatch)
+    ds = _write_dataset(tmp_path / "Dataset996_Vol", volumes={"vol_01": (6, [0, 2, 4]), "vol_02": (6, [1, 3, 5])})
+    settings = Settings(protocol="in-volume", dataset=str(ds.resolve()), device="cpu")
+    with pytest.raises(NNSAMError, match="add --start-from BUNDLE"):
+        run_in_volume_benchmark(ds, tmp_path / "r", Plan(settings=settings, methods=["adapt"], annotated=[2]),
+                                log=lambda _: None)
+    with pytest.raises(NNSAMError, match="add one of them to --methods"):
+        run_in_volume_benchmark(ds, tmp_path / "r", Plan(settings=settings, methods=["nnsam"], annotated=[2],
+                                                         start_from="base"), log=lambda _: None)
+    slices = Settings(protocol="slices", dataset=str(ds.resolve()), device="cpu")
+    with pytest.raises(NNSAMError, match="in-volume protocol only"):
+        run_slices_benchmark(ds, tmp_path / "r", Plan(settings=slices, methods=["base-model"], sizes=[2],
+                                                      start_from="base"), log=lambda _: None)
+    # a chain whose first volume's model is gone cannot continue on the second
+    chain = lambda: Plan(settings=settings, methods=["adapt-chained"], annotated=[2], start_from="base")
+    run_in_volume_benchmark(ds, tmp_path / "r2", chain(), log=lambda _: None)
+    runs = tmp_path / "r2" / "runs" / "adapt-chained" / "k2_seed0"
+    shutil.rmtree(runs / "vol_01" / "model")
+    (runs / "vol_02" / "metrics.json").unlink()
+    with pytest.raises(NNSAMError, match="run the chain's volumes in order"):
+        run_in_volume_benchmark(ds, tmp_path / "r2", chain(), log=lambda _: None)
 
 
 # --------------------------------------------------------------------------------------------- command line

@@ -8,6 +8,7 @@ from nnsam_core.errors import NNSAMError
 from nnsam_core.methods import (DEFAULT_RECOMPUTE_SHARE, ENCODER_NAMES, INJECT_STRIDES, LAB_METHOD_HELP, SAM_INPUTS,
                                 check_recompute_share)
 
+from .adapt import START_FROM_HELP, START_FROM_METHODS
 from .fill import BENCH_METHODS, FILL_HELP
 
 DESCRIPTION = """\
@@ -28,7 +29,8 @@ model fine-tuned on them segments the volume and the remaining labelled slices a
   The headline is the 3D Dice of each structure over all scored slices of a volume (their voxels pooled), mean
   over structures, then over volumes; the per-slice 2D mean stands beside it. --methods fill-between adds the
   clinician's baseline (Slicer's "Fill between slices" on the annotated slices, no training) and every method
-  is compared with it.
+  is compared with it. --start-from BUNDLE measures a saved model: alone (base-model) and adapted to each
+  volume's painted slices (adapt, adapt-chained); keep the base model's training patients out of the volumes.
 
 REPORT_DIR gets report.md (Table 1 layout, per-class Tables 2 and 3), results.csv (every slice and class),
 dice_vs_size.png and examples.png; in-volume reports also volumes.csv (3D Dice of every volume and structure). Finished runs are kept under REPORT_DIR/runs and never redone, so an
@@ -41,6 +43,8 @@ examples:
   nnsam-lab benchmark --in-volume ../shared/data/Dataset902_MSCMR -o mscmr_invol --annotated 2 3 --volumes 4
   nnsam-lab benchmark --in-volume ../shared/data/Dataset902_MSCMR -o mscmr_fill --methods fill-between
   nnsam-lab benchmark --in-volume ../shared/data/Dataset901_CHD -o chd_fill --methods fill-between --annotated 2 3
+  nnsam-lab benchmark --in-volume ../shared/data/Dataset902_MSCMR -o mscmr_adapt --annotated 1 2 \
+      --cases mscmr_03 mscmr_15 --start-from cine_mr_base --methods base-model adapt adapt-chained
   nnsam-lab benchmark ../shared/data/Dataset901_CHD -o chd_report --sizes 4 8 --dry-run   # show split and runs"""
 
 
@@ -55,7 +59,11 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--in-volume", action="store_true",
                         help="in-volume protocol: annotate k slices of each volume, score the others")
     parser.add_argument("--methods", nargs="+", default=["nnsam", "nnunet"],
-                        choices=BENCH_METHODS, help="default: nnsam nnunet. " + LAB_METHOD_HELP + "; " + FILL_HELP)
+                        choices=BENCH_METHODS + START_FROM_METHODS,
+                        help="default: nnsam nnunet. " + LAB_METHOD_HELP + "; " + FILL_HELP + "; " + START_FROM_HELP)
+    parser.add_argument("--start-from", metavar="BUNDLE",
+                        help="in-volume protocol: the saved model the start-from methods use (nnsam train "
+                        "--start-from); its own settings, not --encoder or --recompute-share, apply to them")
     parser.add_argument("--sizes", nargs="+", type=int, default=[4, 8, 12, 16, 20], metavar="N",
                         help="training set sizes in slices (labelled-slices protocol; default: 4 8 12 16 20)")
     parser.add_argument("--split", choices=("patient", "slice"),
@@ -132,7 +140,8 @@ def run_benchmark_command(args) -> int:
                 sizes=sorted(set(args.sizes)) if not args.in_volume else [],
                 annotated=sorted(set(args.annotated)) if args.in_volume else [],
                 seeds=list(dict.fromkeys(args.seeds)), volumes=list(args.cases or []),
-                report_classes=args.classes, keep_models=args.keep_models, note=args.note)
+                report_classes=args.classes, keep_models=args.keep_models, note=args.note,
+                start_from=str(Path(args.start_from).resolve()) if args.start_from else None)
     if args.in_volume:
         run_in_volume_benchmark(dataset, args.output, plan, count=args.volumes, dry_run=args.dry_run)
     else:

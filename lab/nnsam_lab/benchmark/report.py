@@ -28,10 +28,12 @@ import numpy as np
 from .splits import Unit
 
 METRICS = (("dice", "Dice (%)"), ("asd_mm", "ASD (mm)"))
-METHOD_ORDER = ("fill-between", "nnsam", "nnunet", "nnsam-random", "nnsam-recomputed")
+METHOD_ORDER = ("fill-between", "nnsam", "nnunet", "nnsam-random", "nnsam-recomputed", "base-model", "adapt",
+                "adapt-chained")
 METHOD_LABELS = {"nnsam": "nnSAM", "nnunet": "nnU-Net", "nnsam-random": "nnSAM (random encoder)",
                  "nnsam-recomputed": "nnSAM (embeddings recomputed every step)",
-                 "fill-between": "Fill between slices"}
+                 "fill-between": "Fill between slices", "base-model": "Saved model alone",
+                 "adapt": "Adapted from the saved model", "adapt-chained": "Adapted from the previous volume's"}
 BASELINE = "fill-between"     # the clinician's baseline, every in-volume method is compared with it
 REGIONS = ("all", "inside", "outside")
 

@@ -34,6 +34,7 @@ import SimpleITK as sitk
 
 from nnsam_core.errors import NNSAMError
 from nnsam_core.methods import DEFAULT_RECOMPUTE_SHARE, LEGACY_RECOMPUTE_SHARE
+from .adapt import BASE_MODEL, START_FROM_METHODS, check_start_from, keeps_model, parent_of
 from .data import DatasetInfo, UnitStore, pick_volumes, read_dataset, with_sparse_volumes
 from .fill import BENCH_METHODS, FILL_BETWEEN, fill_between, load_itk
 from .splits import Unit, default_split_mode, evenly_spaced, make_split
@@ -107,6 +108,7 @@ class Plan:
     report_classes: Optional[list[str]] = None            # classes of the headline mean (default: all)
     keep_models: bool = False
     note: str = ""
+    start_from: Optional[str] = None                      # the saved model of the start-from methods (adapt.py)
 
     def __post_init__(self):
         # The share the nnsam methods train with is recorded even when it is the default, so a report folder
@@ -195,6 +197,7 @@ def _init_state_locked(report_dir: Path, plan: Plan, extra: dict, command: Optio
         "methods": plan.methods, "sizes": plan.sizes, "annotated": plan.annotated, "seeds": plan.seeds,
         "volumes": plan.volumes, "device": plan.settings.device, "note": plan.note,
         "report_classes": plan.report_classes,
+        **({"start_from": plan.start_from} if plan.start_from else {}),
     })
     if amend is not None:
         amend(state)
@@ -446,6 +449,24 @@ def run_in_volume_benchmark(dataset_dir, report_dir, plan: Plan, count: Optional
             log(f"[{i}/{len(runs)}] {method} k={k} seed={seed} {volume}: filling between slices {slices}")
             pred = _fill_between_image(gt, slices, positions.get(volume))
             record = _fill_record(started)
+        elif method == BASE_MODEL:
+            log(f"[{i}/{len(runs)}] {method} k={k} seed={seed} {volume}: segmenting with {plan.start_from}")
+            from nnsam_core.adapt import load_parent
+            parent = load_parent(plan.start_from)
+            trained = time.monotonic()
+            pred = Segmenter(parent.bundle, settings.device).segment(image)
+            # Nothing trains: its time is segmentation alone, and it learned nothing from this volume.
+            record = {**_run_record(parent.bundle, trained, trained), "iterations": 0, "start_from": parent.record()}
+        elif method in START_FROM_METHODS:
+            parent = parent_of(method, Path(plan.start_from), run_dir.parent, volumes, volume)
+            log(f"[{i}/{len(runs)}] {method} k={k} seed={seed} {volume}: adapting {parent} to slices {slices}")
+            bundle = _load_or_train(run_dir / "model", log, image=image, labels=gt, slices=slices,
+                                    class_names=info.class_names, iterations=settings.iterations,
+                                    device=settings.device, seed=seed, start_from=parent,
+                                    progress=_train_progress(log))
+            trained = time.monotonic()
+            pred = Segmenter(bundle, settings.device).segment(image)
+            record = {**_run_record(bundle, started, trained), "start_from": bundle.manifest["training"]["start_from"]}
         else:
             log(f"[{i}/{len(runs)}] {method} k={k} seed={seed} {volume}: training on slices {slices}")
             bundle = _load_or_train(run_dir / "model", log, image=image, labels=gt, slices=slices,
@@ -464,7 +485,7 @@ def run_in_volume_benchmark(dataset_dir, report_dir, plan: Plan, count: Optional
                    "scored_slices": [s["k"] for s in scores],
                    **({"slice_positions": positions[volume]} if volume in positions else {}),
                    **record, "scores": scores}
-        _finish_run(run_dir, metrics, plan.keep_models)
+        _finish_run(run_dir, metrics, plan.keep_models or keeps_model(method))
         lock.close()
         done += 1
         log(f"  done: {len(scores)} slices scored (train {metrics['train_seconds']:.0f}s, "
@@ -505,8 +526,9 @@ def _interim_report(report_dir: Path, plan: Plan, last: float, every_s: float = 
 
 def _check_methods(plan: Plan) -> None:
     for method in plan.methods:
-        if method not in BENCH_METHODS:
-            raise NNSAMError(f"unknown method '{method}'; choose from {', '.join(BENCH_METHODS)}")
+        if method not in BENCH_METHODS + START_FROM_METHODS:
+            raise NNSAMError(f"unknown method '{method}'; choose from {', '.join(BENCH_METHODS + START_FROM_METHODS)}")
+    check_start_from(plan.methods, plan.start_from, plan.settings.protocol)
     if plan.settings.protocol != "in-volume" and FILL_BETWEEN in plan.methods:
         raise NNSAMError("fill-between interpolates between the annotated slices of one volume, so it runs in the "
                          "in-volume protocol only; add --in-volume or drop it from --methods")
@@ -518,4 +540,3 @@ def _check_classes(plan: Plan, info: DatasetInfo) -> None:
         if unknown:
             raise NNSAMError(f"--classes {unknown} are not classes of {info.folder.name} "
                              f"({', '.join(info.class_names)})")
-    _check_methods(plan)
