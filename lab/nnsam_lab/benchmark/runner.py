@@ -292,6 +292,7 @@ def _run_record(bundle, started: float, trained: float) -> dict:
     return {"train_seconds": round(trained - started, 1), "predict_seconds": round(time.monotonic() - trained, 1),
             "iterations": training["iterations"], "batch_size": training["batch_size"], "device": training["device"],
             "nnsam_config": bundle.manifest.get("nnsam_config"),
+            **({"start_from": training["start_from"]} if training.get("start_from") else {}),
             "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
@@ -429,6 +430,10 @@ def run_in_volume_benchmark(dataset_dir, report_dir, plan: Plan, count: Optional
     from nnsam_core.predict import Segmenter, write_image_atomically
     from .report import write_report
     settings = plan.settings
+    saved_model = None
+    if BASE_MODEL in plan.methods:
+        from nnsam_core.adapt import load_parent
+        saved_model = load_parent(plan.start_from)  # loaded once: it segments every volume as it is
     done, reported = 0, 0.0
     for i, (seed, k, method, volume) in enumerate(runs, start=1):
         run_dir = report_dir / "runs" / method / f"k{k}_seed{seed}" / volume
@@ -451,29 +456,23 @@ def run_in_volume_benchmark(dataset_dir, report_dir, plan: Plan, count: Optional
             record = _fill_record(started)
         elif method == BASE_MODEL:
             log(f"[{i}/{len(runs)}] {method} k={k} seed={seed} {volume}: segmenting with {plan.start_from}")
-            from nnsam_core.adapt import load_parent
-            parent = load_parent(plan.start_from)
-            trained = time.monotonic()
-            pred = Segmenter(parent.bundle, settings.device).segment(image)
+            pred = Segmenter(saved_model.bundle, settings.device).segment(image)
             # Nothing trains: its time is segmentation alone, and it learned nothing from this volume.
-            record = {**_run_record(parent.bundle, trained, trained), "iterations": 0, "start_from": parent.record()}
-        elif method in START_FROM_METHODS:
-            parent = parent_of(method, Path(plan.start_from), run_dir.parent, volumes, volume)
-            log(f"[{i}/{len(runs)}] {method} k={k} seed={seed} {volume}: adapting {parent} to slices {slices}")
+            record = {**_run_record(saved_model.bundle, started, started), "iterations": 0,
+                      "start_from": saved_model.record()}
+        else:
+            if method in START_FROM_METHODS:
+                # adapting keeps the saved model's method, encoder, plans and SAM settings (nnsam train --start-from)
+                parent = parent_of(method, Path(plan.start_from), run_dir.parent, volumes, volume)
+                log(f"[{i}/{len(runs)}] {method} k={k} seed={seed} {volume}: adapting {parent} to slices {slices}")
+                training = {"start_from": parent}
+            else:
+                log(f"[{i}/{len(runs)}] {method} k={k} seed={seed} {volume}: training on slices {slices}")
+                training = {"modality": info.channel_name, "method": method, "encoder": settings.encoder,
+                            "preset": settings.preset, "nnsam_config": settings.nnsam_config(method)}
             bundle = _load_or_train(run_dir / "model", log, image=image, labels=gt, slices=slices,
                                     class_names=info.class_names, iterations=settings.iterations,
-                                    device=settings.device, seed=seed, start_from=parent,
-                                    progress=_train_progress(log))
-            trained = time.monotonic()
-            pred = Segmenter(bundle, settings.device).segment(image)
-            record = {**_run_record(bundle, started, trained), "start_from": bundle.manifest["training"]["start_from"]}
-        else:
-            log(f"[{i}/{len(runs)}] {method} k={k} seed={seed} {volume}: training on slices {slices}")
-            bundle = _load_or_train(run_dir / "model", log, image=image, labels=gt, slices=slices,
-                                    class_names=info.class_names, modality=info.channel_name, method=method,
-                                    encoder=settings.encoder, preset=settings.preset, iterations=settings.iterations,
-                                    device=settings.device, seed=seed, nnsam_config=settings.nnsam_config(method),
-                                    progress=_train_progress(log))
+                                    device=settings.device, seed=seed, progress=_train_progress(log), **training)
             trained = time.monotonic()
             pred = Segmenter(bundle, settings.device).segment(image)
             record = _run_record(bundle, started, trained)
