@@ -23,7 +23,7 @@ from .config import NNSAMConfig
 from .devices import resolve_device
 from .errors import NNSAMError
 from .cases import ImageLike, cases_from_nnunet_dataset, cases_from_sparse_slices, constant_image_warning
-from .adapt import ADAPT_ITERATIONS, adapted_class_names, load_parent
+from .adapt import ADAPT_ITERATIONS, ADAPT_LEARNING_RATE, adapted_class_names, load_parent
 from .outputs import check_bundle_output
 from .postprocess import single_piece_classes
 from .presets import CPU_BATCH_SIZE, CPU_QUICK_MAX_SIZE, PRESETS, working_max_size  # noqa: F401
@@ -55,14 +55,16 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
               device: str = "auto", seed: int = 0, modality: str = "CT", resume: bool = False,
               overwrite: bool = False, start_from: Optional[os.PathLike] = None,
               checkpoint_every: Optional[int] = None, keep_work_dir: bool = False, max_size: Optional[int] = None,
-              progress: ProgressCallback = silent, nnsam_config: Optional[NNSAMConfig] = None) -> Bundle:
+              learning_rate: Optional[float] = None, progress: ProgressCallback = silent, nnsam_config: Optional[NNSAMConfig] = None) -> Bundle:
     """Fine-tune on annotated slices (``image`` + ``labels``) or an nnU-Net raw dataset (``dataset_dir``) and
     write a bundle to ``output``. Returns the loaded bundle.
 
     Everything is checked before any work: the output (never an input, never a file or folder the user had unless
     ``overwrite`` and it holds only a bundle), the inputs, and on ``resume`` that they match the stopped training.
     ``start_from``: a saved model to adapt (its plans, weights, method, encoder and SAM settings; a short schedule
-    of ADAPT_ITERATIONS unless ``iterations`` says otherwise). ``encoder`` and ``method`` default to the saved
+    of ADAPT_ITERATIONS at ADAPT_LEARNING_RATE unless ``iterations`` and ``learning_rate`` say otherwise).
+    ``learning_rate``: the initial learning rate of nnU-Net's schedule (default: nnU-Net's own, 0.01, when
+    training afresh), for studies of the schedule. ``encoder`` and ``method`` default to the saved
     model's, else litemedsam and nnsam.
     ``max_size``: largest in-plane size (pixels) nnU-Net trains at; None = the default (CPU_QUICK_MAX_SIZE for
     the quick preset on a CPU, otherwise the native resolution), 0 = always the native resolution.
@@ -74,6 +76,8 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
         raise NNSAMError(f"unknown preset '{preset}'; choose quick or full")
     if iterations is not None and iterations < 1:
         raise NNSAMError("--iterations must be at least 1")
+    if learning_rate is not None and not 0 < learning_rate <= 1:
+        raise NNSAMError("learning_rate must be above 0 and at most 1")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise NNSAMError("checkpoint_every must be at least 1 iteration")
     if max_size is not None and (max_size < 0 or 0 < max_size < 32):
@@ -114,11 +118,13 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
         names = adapted_class_names(parent, names)
         channel_names = parent.bundle.dataset_json.get("channel_names", channel_names)
     total = iterations or (ADAPT_ITERATIONS if parent else PRESETS[preset])
+    learning_rate = learning_rate or (ADAPT_LEARNING_RATE if parent else None)
     record = fingerprint(cases, {"classes": names, "slices": trained_slices, "channels": channel_names,
                                  "trainer": trainer_class.__name__, "iterations": total, "max_size": max_size,
+                                 **({"learning_rate": learning_rate} if learning_rate else {}),
                                  "seed": seed, "start_from": parent.record()["id"] if parent else None})
     job = _Job(trainer_class, config, nnsam_config, names, channel_names, torch_device, seed, max_size, progress,
-               checkpoint_every, keep_work_dir)
+               checkpoint_every, keep_work_dir, learning_rate)
     clean_up = None
     if dataset_dir is None:
         # the painted slices' labels are the training cases' own: the label map is not read again
@@ -159,6 +165,7 @@ class _Job:
     progress: ProgressCallback
     checkpoint_every: Optional[int]
     keep_work_dir: bool
+    learning_rate: Optional[float] = None  # None: nnU-Net's initial learning rate
 
 
 def _train(job: _Job, workspace: Workspace, cases, record: dict, total: int, resume: bool, parent=None):
@@ -187,7 +194,7 @@ def _train(job: _Job, workspace: Workspace, cases, record: dict, total: int, res
     seed_everything(job.seed)
     return _run_trainer(workspace, job.trainer_class, config, job.device, total, job.progress,
                         checkpoint if resuming else None, job.checkpoint_every,
-                        progress_plot="end" if job.keep_work_dir else "never",
+                        progress_plot="end" if job.keep_work_dir else "never", learning_rate=job.learning_rate,
                         initial_weights=parent.bundle.network_weights if parent and not resuming else None)
 
 
@@ -207,7 +214,8 @@ def cap_batch_size(workspace: Workspace, plans: dict, batch_size: int) -> None:
 
 def _run_trainer(workspace: Workspace, trainer_class, config: Optional[NNSAMConfig], device: torch.device,
                  total_iterations: int, progress: ProgressCallback, resume_checkpoint: Optional[Path],
-                 checkpoint_every: Optional[int], progress_plot: str, initial_weights: Optional[dict] = None):
+                 checkpoint_every: Optional[int], progress_plot: str, initial_weights: Optional[dict] = None,
+                 learning_rate: Optional[float] = None):
     plans = json.loads((workspace.preprocessed_dataset / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((workspace.preprocessed_dataset / "dataset.json").read_text())
     plans["continue_training"] = resume_checkpoint is not None  # nnU-Net's run_training sets this key
@@ -219,6 +227,8 @@ def _run_trainer(workspace: Workspace, trainer_class, config: Optional[NNSAMConf
         if config is not None:
             trainer.nnsam_config = config  # before initialisation: the network is built with it
         trainer.set_schedule(total_iterations, checkpoint_every)
+        if learning_rate is not None:
+            trainer.initial_lr = learning_rate  # before initialisation: the optimiser and schedule are built with it
         trainer.checkpoint_seconds = None if checkpoint_every else CHECKPOINT_SECONDS
         trainer.initial_weights = initial_weights
         trainer.progress_callback = progress
@@ -250,7 +260,8 @@ def _manifest(trainer, class_names, preset, seed, device, trained_slices, image_
         **trainer.describe(),
         "configuration": CONFIGURATION,
         "classes": [{"value": i, "name": n} for i, n in enumerate(class_names, start=1)],
-        "training": {"preset": preset, "iterations": trainer.total_iterations, "seed": seed, "device": device.type,
+        "training": {"preset": preset, "iterations": trainer.total_iterations,
+                     "learning_rate": float(trainer.initial_lr), "seed": seed, "device": device.type,
                      "batch_size": trainer.batch_size, "slices": trained_slices, "max_size": max_size,
                      "working_spacing": [float(v) for v in trainer.configuration_manager.spacing],
                      "patch_size": [int(v) for v in trainer.configuration_manager.patch_size],

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nnsam_core.cli import main
+from nnsam_core.errors import NNSAMError
 
 
 def _hashes(folder: Path) -> dict:
@@ -20,6 +21,7 @@ def _hashes(folder: Path) -> dict:
 def test_adapting_starts_from_the_parents_weights_and_leaves_the_parent_untouched(trained, chest_ct, tmp_path,
                                                                                    monkeypatch):
     from nnsam_core import fine_tune
+    from nnsam_core.adapt import ADAPT_LEARNING_RATE
     from nnsam_core.training.fewshot import nnUNetTrainerFewShot
 
     parent, _ = trained
@@ -31,10 +33,14 @@ def test_adapting_starts_from_the_parents_weights_and_leaves_the_parent_untouche
         initialize(self)
         module = self.network
         at_start.update({k: v.detach().clone() for k, v in module.state_dict().items()})
+        at_start["optimiser learning rate"] = self.optimizer.param_groups[0]["lr"]
 
     monkeypatch.setattr(nnUNetTrainerFewShot, "initialize", spying_initialize)
     child = fine_tune(*chest_ct, output=tmp_path / "adapted", slices=[12, 18], start_from=parent.path,
                       iterations=2, device="cpu")
+    assert at_start.pop("optimiser learning rate") == ADAPT_LEARNING_RATE  # the adaptation's schedule
+    assert child.manifest["training"]["learning_rate"] == ADAPT_LEARNING_RATE
+    assert parent.manifest["training"]["learning_rate"] == 0.01  # nnU-Net's own when training afresh
     assert at_start and all(torch.equal(at_start[k], parent.network_weights[k].to(at_start[k].dtype))
                             for k in parent.network_weights)  # not random: the parent's weights
     changed = [k for k in parent.network_weights if k.endswith(".weight") and
@@ -64,6 +70,18 @@ def test_a_mismatched_start_is_refused_before_any_work(trained, chest_ct, tmp_pa
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_learning_rate_given_for_a_study_replaces_the_adaptations(trained, chest_ct, tmp_path):
+    from nnsam_core import fine_tune
+
+    parent, _ = trained
+    child = fine_tune(*chest_ct, output=tmp_path / "adapted", slices=[12], start_from=parent.path, iterations=1,
+                      learning_rate=0.0005, device="cpu")
+    assert child.manifest["training"]["learning_rate"] == 0.0005
+    with pytest.raises(NNSAMError, match="learning_rate must be above 0"):
+        fine_tune(*chest_ct, output=tmp_path / "other", slices=[12], start_from=parent.path, learning_rate=-1.0)
+    assert not (tmp_path / "other").exists()
 
 
 def test_an_unreadable_start_is_refused(chest_ct, tmp_path, capsys):

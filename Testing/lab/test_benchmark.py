@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -486,7 +487,7 @@ def test_start_from_methods_adapt_a_saved_model_alone_and_in_a_chain(tmp_path, m
                                                               "vol_02": (8, [0, 1, 2, 3, 4, 5]),
                                                               "vol_03": (8, [1, 3, 5, 6])})
     base = tmp_path / "base_model"
-    settings = Settings(protocol="in-volume", dataset=str(ds.resolve()), device="cpu")
+    settings = Settings(protocol="in-volume", dataset=str(ds.resolve()), device="cpu", learning_rate=0.002)
     plan = Plan(settings=settings, methods=["base-model", "adapt", "adapt-chained"], annotated=[1, 2], seeds=[0],
                 start_from=str(base))
     report = tmp_path / "report"
@@ -495,6 +496,7 @@ def test_start_from_methods_adapt_a_saved_model_alone_and_in_a_chain(tmp_path, m
     assert len(calls) == 2 * 2 * 3
     for kwargs in calls:
         assert "method" not in kwargs and "encoder" not in kwargs and "nnsam_config" not in kwargs
+        assert kwargs["learning_rate"] == 0.002  # a schedule under study reaches every adapted run
     adapt_starts = [Path(c["start_from"]) for c in calls if "/adapt/" in str(c["output"])]
     assert adapt_starts == [base] * 6
     chained = [(Path(c["output"]).parent.name, Path(c["start_from"])) for c in calls
@@ -513,6 +515,9 @@ def test_start_from_methods_adapt_a_saved_model_alone_and_in_a_chain(tmp_path, m
         assert scored["base-model"]["start_from"]["name"] == "base_model"
     state = json.loads((report / "benchmark.json").read_text())
     assert state["invocations"][-1]["start_from"] == str(base)
+    # a report folder keeps one schedule: another learning rate is another study, an unset one is not compared
+    assert settings.comparable() != replace(settings, learning_rate=0.01).comparable()
+    assert "learning_rate" not in replace(settings, learning_rate=None).comparable()
     assert "| Adapted from the saved model |" in (report / "report.md").read_text()
 
 

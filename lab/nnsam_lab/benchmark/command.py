@@ -92,6 +92,9 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=("quick", "full"), default="quick",
                         help="training schedule of every run (quick: 1000 iterations; full: the paper's)")
     parser.add_argument("--iterations", type=int, metavar="N", help="override the preset's iteration count")
+    parser.add_argument("--learning-rate", type=float, metavar="LR",
+                        help="initial learning rate of every trained run (default: nnsam train's; nnU-Net's 0.01 "
+                        "afresh, the engine's adaptation rate with --start-from)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S",
                         help="training seeds; the split does not depend on them (default: 0)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
@@ -120,6 +123,8 @@ def run_benchmark_command(args) -> int:
 
     if args.iterations is not None and args.iterations < 1:
         raise NNSAMError("--iterations must be at least 1")
+    if args.learning_rate is not None and not 0 < args.learning_rate <= 1:
+        raise NNSAMError("--learning-rate must be above 0 and at most 1")
     if args.downsample < 1:
         raise NNSAMError("--downsample must be a whole number >= 1")
     if any(n < 1 for n in args.sizes) or any(k < 1 for k in args.annotated):
@@ -131,7 +136,7 @@ def run_benchmark_command(args) -> int:
         raise NNSAMError(f"dataset folder {dataset} does not exist; give an nnU-Net raw dataset folder")
     protocol = "in-volume" if args.in_volume else "slices"
     settings = Settings(protocol=protocol, dataset=str(dataset.resolve()), encoder=args.encoder, preset=args.preset,
-                        iterations=args.iterations, downsample=args.downsample,
+                        iterations=args.iterations, learning_rate=args.learning_rate, downsample=args.downsample,
                         split=args.split if not args.in_volume else None,
                         test_fraction=args.test_fraction if not args.in_volume else None, device=args.device,
                         sam_input=args.sam_input, inject_stride=args.inject_stride,

@@ -731,6 +731,7 @@ def _setup_section(state: dict, runs: Sequence[dict], protocol: str) -> list[str
              f"- Dataset: `{s['dataset']}` ({state['dataset_name']}; classes {', '.join(state['class_names'])}).",
              f"- Encoder `{s['encoder']}` ({_sam_branch(runs)}), preset `{s['preset']}`, "
              f"iterations {iterations}"
+             + (f", initial learning rate {s['learning_rate']:g}" if s.get("learning_rate") else "")
              + (f", images downsampled in-plane by {s['downsample']} (block average; labels nearest neighbour) "
                 "before training and scoring" if s["downsample"] != 1 else "") + "."]
     if protocol == "slices":

@@ -65,6 +65,7 @@ class Settings:
     encoder: str = "litemedsam"
     preset: str = "quick"
     iterations: Optional[int] = None
+    learning_rate: Optional[float] = None  # initial learning rate of every trained run; None: fine_tune's default
     downsample: int = 1
     split: Optional[str] = None           # slices protocol: patient | slice
     test_fraction: Optional[float] = None
@@ -76,11 +77,12 @@ class Settings:
     # Settings that change only the SAM branch; left unset they are not compared, so report folders written
     # before a setting existed still accept runs.
     SAM_BRANCH_FIELDS = ("sam_input", "inject_stride", "recompute_share")
+    UNSET_NOT_COMPARED = SAM_BRANCH_FIELDS + ("learning_rate",)
 
     def comparable(self) -> dict:
         data = asdict(self)
         data.pop("device")
-        for name in self.SAM_BRANCH_FIELDS:
+        for name in self.UNSET_NOT_COMPARED:
             if data[name] is None:
                 data.pop(name)
         return data
@@ -349,7 +351,8 @@ def run_slices_benchmark(dataset_dir, report_dir, plan: Plan, log: Optional[Log]
         started = time.monotonic()
         raw = store.write_training_dataset(run_dir / "train_raw", train_units)
         bundle = _load_or_train(run_dir / "model", log, dataset_dir=raw, method=method, encoder=settings.encoder,
-                                preset=settings.preset, iterations=settings.iterations, device=settings.device,
+                                preset=settings.preset, iterations=settings.iterations,
+                                learning_rate=settings.learning_rate, device=settings.device,
                                 seed=seed, nnsam_config=settings.nnsam_config(method), progress=_train_progress(log))
         trained = time.monotonic()
         scores = _predict_units(bundle, store, split.test, run_dir / "predictions", values, settings.device, log)
@@ -472,7 +475,7 @@ def run_in_volume_benchmark(dataset_dir, report_dir, plan: Plan, count: Optional
                             "preset": settings.preset, "nnsam_config": settings.nnsam_config(method)}
             bundle = _load_or_train(run_dir / "model", log, image=image, labels=gt, slices=slices,
                                     class_names=info.class_names, iterations=settings.iterations,
-                                    device=settings.device, seed=seed, progress=_train_progress(log), **training)
+                                    learning_rate=settings.learning_rate, device=settings.device, seed=seed, progress=_train_progress(log), **training)
             trained = time.monotonic()
             pred = Segmenter(bundle, settings.device).segment(image)
             record = _run_record(bundle, started, trained)
