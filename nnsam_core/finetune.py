@@ -55,7 +55,8 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
               device: str = "auto", seed: int = 0, modality: str = "CT", resume: bool = False,
               overwrite: bool = False, start_from: Optional[os.PathLike] = None,
               checkpoint_every: Optional[int] = None, keep_work_dir: bool = False, max_size: Optional[int] = None,
-              learning_rate: Optional[float] = None, progress: ProgressCallback = silent, nnsam_config: Optional[NNSAMConfig] = None) -> Bundle:
+              learning_rate: Optional[float] = None, progress: ProgressCallback = silent,
+              nnsam_config: Optional[NNSAMConfig] = None) -> Bundle:
     """Fine-tune on annotated slices (``image`` + ``labels``) or an nnU-Net raw dataset (``dataset_dir``) and
     write a bundle to ``output``. Returns the loaded bundle.
 

@@ -475,7 +475,8 @@ def run_in_volume_benchmark(dataset_dir, report_dir, plan: Plan, count: Optional
                             "preset": settings.preset, "nnsam_config": settings.nnsam_config(method)}
             bundle = _load_or_train(run_dir / "model", log, image=image, labels=gt, slices=slices,
                                     class_names=info.class_names, iterations=settings.iterations,
-                                    learning_rate=settings.learning_rate, device=settings.device, seed=seed, progress=_train_progress(log), **training)
+                                    learning_rate=settings.learning_rate, device=settings.device, seed=seed,
+                                    progress=_train_progress(log), **training)
             trained = time.monotonic()
             pred = Segmenter(bundle, settings.device).segment(image)
             record = _run_record(bundle, started, trained)
