@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
 from .bundle import Bundle
 from .config import NNSAMConfig
 from .errors import NNSAMError
@@ -23,6 +25,10 @@ from .errors import NNSAMError
 # initial learning rate: at nnU-Net's own rate two painted slices undo part of what a good starter knew.
 ADAPT_ITERATIONS = 250
 ADAPT_LEARNING_RATE = 0.001
+# The adapted model saved lies part of the way back from the trained weights to the parent's (weight-space
+# ensembling of a fine-tune with its start): one or two painted slices pull the network toward this scan, the
+# parent keeps most of what the scans it learned from taught it, and segmenting still runs one network.
+ADAPT_KEEP_PARENT = 0.7
 GENERIC_CLASS_PREFIX = "class_"  # names images.read_labels gives classes nobody named
 
 
@@ -84,3 +90,13 @@ def plans_for(parent: Parent, dataset_name: str) -> dict:
     plans = json.loads(json.dumps(parent.bundle.plans))
     plans["dataset_name"] = dataset_name
     return plans
+
+
+def blended_with_parent(trained: dict, parent: Parent, keep: float = ADAPT_KEEP_PARENT) -> dict:
+    """``keep`` of the parent's weights plus ``1 - keep`` of the trained ones, tensor by tensor (integer buffers
+    are the trained network's). Both networks have the parent's shape: adapting started from its weights."""
+    blended = {}
+    for name, tensor in trained.items():
+        start = parent.bundle.network_weights[name].to(tensor.device, tensor.dtype)
+        blended[name] = torch.lerp(tensor, start, keep) if tensor.is_floating_point() else tensor
+    return blended

@@ -23,7 +23,8 @@ from .config import NNSAMConfig
 from .devices import resolve_device
 from .errors import NNSAMError
 from .cases import ImageLike, cases_from_nnunet_dataset, cases_from_sparse_slices, constant_image_warning
-from .adapt import ADAPT_ITERATIONS, ADAPT_LEARNING_RATE, adapted_class_names, load_parent
+from .adapt import (ADAPT_ITERATIONS, ADAPT_KEEP_PARENT, ADAPT_LEARNING_RATE, adapted_class_names,
+                    blended_with_parent, load_parent)
 from .outputs import check_bundle_output
 from .postprocess import single_piece_classes
 from .presets import CPU_BATCH_SIZE, CPU_QUICK_MAX_SIZE, PRESETS, working_max_size  # noqa: F401
@@ -140,10 +141,10 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
         manifest = _manifest(trainer, names, preset, seed, torch_device, trained_slices,
                              image if isinstance(image, (str, os.PathLike)) else None, dataset_dir, max_size)
         if parent is not None:
-            manifest["training"]["start_from"] = parent.record()
+            manifest["training"]["start_from"] = dict(parent.record(), parent_share=ADAPT_KEEP_PARENT)
         if clean_up is not None:
             manifest["postprocessing"] = clean_up
-        _write_trained(trainer, output, manifest)
+        _write_trained(trainer, output, manifest, parent)
         if not keep_work_dir:
             shutil.rmtree(root, ignore_errors=True)
     bundle = Bundle.load(output)
@@ -199,9 +200,12 @@ def _train(job: _Job, workspace: Workspace, cases, record: dict, total: int, res
                         initial_weights=parent.bundle.network_weights if parent and not resuming else None)
 
 
-def _write_trained(trainer, output: Path, manifest: dict) -> None:
+def _write_trained(trainer, output: Path, manifest: dict, parent=None) -> None:
     network = trainer._network_module() if hasattr(trainer, "_network_module") else trainer.network
-    write_bundle(output, manifest, trainer.plans_manager.plans, trainer.dataset_json, network.state_dict(),
+    weights = network.state_dict()
+    if parent is not None:
+        weights = blended_with_parent(weights, parent)
+    write_bundle(output, manifest, trainer.plans_manager.plans, trainer.dataset_json, weights,
                  trainer.inference_allowed_mirroring_axes)
 
 

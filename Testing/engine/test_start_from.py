@@ -56,6 +56,34 @@ def test_adapting_starts_from_the_parents_weights_and_leaves_the_parent_untouche
     assert child.class_names == parent.class_names and child.nnsam_config == parent.nnsam_config
 
 
+def test_the_adapted_model_saved_lies_between_the_parent_and_the_trained_network(trained, chest_ct, tmp_path,
+                                                                                 monkeypatch):
+    from nnsam_core import fine_tune
+    from nnsam_core.adapt import ADAPT_KEEP_PARENT
+    from nnsam_core.training.fewshot import nnUNetTrainerFewShot
+
+    parent, _ = trained
+    at_end = {}
+    run_training = nnUNetTrainerFewShot.run_training
+
+    def spying_run_training(self):
+        run_training(self)
+        at_end.update({k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()})
+
+    monkeypatch.setattr(nnUNetTrainerFewShot, "run_training", spying_run_training)
+    child = fine_tune(*chest_ct, output=tmp_path / "adapted", slices=[12, 18], start_from=parent.path,
+                      iterations=2, learning_rate=0.01, device="cpu")
+    keep = child.manifest["training"]["start_from"]["parent_share"]
+    assert keep == ADAPT_KEEP_PARENT and 0 < keep < 1
+    moved = [k for k in parent.network_weights if k.endswith(".weight")
+             and not torch.allclose(at_end[k], parent.network_weights[k])]
+    assert moved  # training moved them; what was saved lies part of the way back toward the parent
+    for name in moved:
+        between = keep * parent.network_weights[name] + (1 - keep) * at_end[name]
+        assert torch.allclose(child.network_weights[name], between, atol=1e-6), name
+    assert not any(torch.equal(child.network_weights[name], at_end[name]) for name in moved)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--encoder", "mobilesam"], "uses the litemedsam encoder, not mobilesam"),
     (["--method", "nnunet"], "trained with method nnsam, not nnunet"),
