@@ -23,10 +23,8 @@ def _as_image(value: ImageLike, what: str) -> sitk.Image:
 
 
 def cases_from_sparse_slices(image: ImageLike, labels: ImageLike, slices: Optional[Sequence[int]] = None,
-                             class_names: Optional[Sequence[str]] = None, context_slices: int = 0
-                             ) -> tuple[list[TrainingCase], list[str], list[int]]:
-    """One training case per annotated axial slice; slices not annotated are never training data (with
-    ``context_slices``, their images enter as the painted slices' neighbour channels)."""
+                             class_names: Optional[Sequence[str]] = None) -> tuple[list[TrainingCase], list[str], list[int]]:
+    """One training case per annotated axial slice; slices not annotated are never training data."""
     image = _as_image(image, "image")
     parsed = read_labels(labels, image, class_names)
     n_slices = image.GetSize()[2]
@@ -38,7 +36,7 @@ def cases_from_sparse_slices(image: ImageLike, labels: ImageLike, slices: Option
     if empty:
         raise NNSAMError(f"--slices {','.join(map(str, empty))} hold no label; paint the structures there or leave "
                          f"them out (painted slices: {describe_slices(painted)})")
-    cases = [slice_case(image, parsed.image, k, f"slice_{k:04d}", context_slices) for k in chosen]
+    cases = [slice_case(image, parsed.image, k, f"slice_{k:04d}") for k in chosen]
     return cases, parsed.class_names, chosen
 
 

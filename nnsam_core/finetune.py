@@ -57,7 +57,7 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
               overwrite: bool = False, start_from: Optional[os.PathLike] = None,
               checkpoint_every: Optional[int] = None, keep_work_dir: bool = False, max_size: Optional[int] = None,
               learning_rate: Optional[float] = None, progress: ProgressCallback = silent,
-              nnsam_config: Optional[NNSAMConfig] = None, context_slices: int = 0) -> Bundle:
+              nnsam_config: Optional[NNSAMConfig] = None) -> Bundle:
     """Fine-tune on annotated slices (``image`` + ``labels``) or an nnU-Net raw dataset (``dataset_dir``) and
     write a bundle to ``output``. Returns the loaded bundle.
 
@@ -72,8 +72,6 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
     the quick preset on a CPU, otherwise the native resolution), 0 = always the native resolution.
     ``nnsam_config``: the SAM branch's settings (default: the method's trainer's own); the trainer records them.
     ``checkpoint_every``: a resumable checkpoint every that many iterations (default: about every minute).
-    ``context_slices``: 2.5D input, that many neighbouring slices on each side of a painted slice as extra image
-    channels (painted slices of one image only; segmenting builds the same channels for every slice).
     Painted slices of one image also choose the bundle's clean-up (postprocess.py): each structure painted as one
     piece on every painted slice is kept to its largest 3D piece when segmenting."""
     if preset not in PRESETS:
@@ -86,8 +84,6 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
         raise NNSAMError("checkpoint_every must be at least 1 iteration")
     if max_size is not None and (max_size < 0 or 0 < max_size < 32):
         raise NNSAMError("--max-size must be 0 (native resolution) or at least 32 pixels")
-    if context_slices < 0 or (context_slices and (dataset_dir is not None or start_from is not None)):
-        raise NNSAMError("context_slices needs painted slices of one image, trained afresh")
     if dataset_dir is None and (image is None or labels is None):
         raise NNSAMError("give an image and a label map, or an nnU-Net raw dataset folder")
     inputs = [p for p in (image, labels, dataset_dir, start_from) if isinstance(p, (str, os.PathLike))]
@@ -116,8 +112,8 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
         cases, names, channel_names = cases_from_nnunet_dataset(dataset_dir)
         trained_slices = [c.name for c in cases]
     else:
-        cases, names, trained_slices = cases_from_sparse_slices(image, labels, slices, class_names, context_slices)
-        channel_names = {str(c): modality for c in range(1 + 2 * context_slices)}
+        cases, names, trained_slices = cases_from_sparse_slices(image, labels, slices, class_names)
+        channel_names = {"0": modality}
         if all(constant_image_warning(c.image) for c in cases):
             progress(make_event("warning", message=constant_image_warning(cases[0].image)))
     if parent is not None:
@@ -127,7 +123,6 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
     learning_rate = learning_rate or (ADAPT_LEARNING_RATE if parent else None)
     record = fingerprint(cases, {"classes": names, "slices": trained_slices, "channels": channel_names,
                                  "trainer": trainer_class.__name__, "iterations": total, "max_size": max_size,
-                                 **({"context_slices": context_slices} if context_slices else {}),
                                  **({"learning_rate": learning_rate} if learning_rate else {}),
                                  "seed": seed, "start_from": parent.record()["id"] if parent else None})
     job = _Job(trainer_class, config, nnsam_config, names, channel_names, torch_device, seed, max_size, progress,
@@ -145,8 +140,6 @@ def fine_tune(image: Optional[ImageLike] = None, labels: Optional[ImageLike] = N
         progress(make_event("save", message=f"writing bundle {output}"))
         manifest = _manifest(trainer, names, preset, seed, torch_device, trained_slices,
                              image if isinstance(image, (str, os.PathLike)) else None, dataset_dir, max_size)
-        if context_slices:
-            manifest["training"]["context_slices"] = context_slices
         if parent is not None:
             manifest["training"]["start_from"] = dict(parent.record(), parent_share=ADAPT_KEEP_PARENT)
         if clean_up is not None:

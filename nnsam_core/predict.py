@@ -29,7 +29,7 @@ from .model.grid import grid_channels
 from .model.network import build_nnsam_network
 from .postprocess import keep_largest_components
 from .progress import ProgressCallback, make_event, silent
-from .workspace import CONFIGURATION, context_indices, nnunet_output_to_stderr
+from .workspace import CONFIGURATION, nnunet_output_to_stderr
 
 DEFAULT_SLAB = 16
 CPU_ENCODER_BATCH = 4
@@ -60,14 +60,12 @@ class Segmenter:
         from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
         n_out = self.label_manager.num_segmentation_heads
-        n_in = 1 + 2 * self.context_slices
         if self.uses_sam:
-            network = build_nnsam_network(self.plans_manager, self.configuration_manager, n_in, n_out, False,
-                                          self.config)
+            network = build_nnsam_network(self.plans_manager, self.configuration_manager, 1, n_out, False, self.config)
         else:
             cm = self.configuration_manager
             network = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                             cm.network_arch_init_kwargs_req_import, n_in, n_out, allow_init=False,
+                                             cm.network_arch_init_kwargs_req_import, 1, n_out, allow_init=False,
                                              deep_supervision=False)
         try:
             network.load_state_dict(self.bundle.network_weights, strict=True)
@@ -122,11 +120,6 @@ class Segmenter:
         return out
 
     @property
-    def context_slices(self) -> int:
-        """Neighbouring slices on each side that the bundle takes as extra channels (2.5D input)."""
-        return int((self.bundle.manifest.get("training") or {}).get("context_slices") or 0)
-
-    @property
     def trained_on_single_slices(self) -> bool:
         # fine_tune always trains on one-slice cases; a bundle from nnUNetv2_train may have seen whole volumes.
         return self.bundle.plans.get("original_median_shape_after_transp", [0])[0] == 1
@@ -135,11 +128,6 @@ class Segmenter:
         """nnU-Net's preprocessing of the whole volume, with intensities normalised the way the training cases
         were: per slice when the model was trained on single slices and its scheme is per image (z-score for MR)."""
         data = sitk.GetArrayFromImage(volume).astype(np.float32)[None]  # (1, Z, Y, X)
-        if self.context_slices:
-            n = data.shape[1]
-            channels = [data[0]] + [data[0][[context_indices(z, n, self.context_slices)[c] for z in range(n)]]
-                                    for c in range(2 * self.context_slices)]
-            data = np.stack(channels)
         properties = {"spacing": list(volume.GetSpacing())[::-1]}
         preprocessor = _slice_wise_normalisation_class() if self.trained_on_single_slices else _default_preprocessor()
         with nnunet_output_to_stderr():

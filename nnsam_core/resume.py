@@ -23,7 +23,7 @@ def fingerprint(cases: Sequence[TrainingCase], settings: dict) -> dict:
     digest = hashlib.sha256()
     for case in cases:
         digest.update(case.name.encode())
-        for image in (case.image, case.labels, *case.context):
+        for image in (case.image, case.labels):
             digest.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)).tobytes())
             digest.update(repr(tuple(round(v, 6) for v in image.GetSpacing())).encode())
     return {"data_sha256": digest.hexdigest(), **settings}

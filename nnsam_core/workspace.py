@@ -129,7 +129,6 @@ class TrainingCase:
     name: str
     image: sitk.Image   # one-slice 3D image (or a volume whose every slice is labelled)
     labels: sitk.Image
-    context: tuple = ()  # neighbouring slices as extra image channels (2.5D), each on the image's grid
 
 
 def write_raw_dataset(workspace: Workspace, cases: Sequence[TrainingCase], class_names: Sequence[str],
@@ -139,8 +138,7 @@ def write_raw_dataset(workspace: Workspace, cases: Sequence[TrainingCase], class
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
     for case in cases:
-        for c, channel in enumerate((case.image, *case.context)):
-            sitk.WriteImage(channel, str(folder / "imagesTr" / f"{case.name}_{c:04d}.nii.gz"))
+        sitk.WriteImage(case.image, str(folder / "imagesTr" / f"{case.name}_0000.nii.gz"))
         sitk.WriteImage(case.labels, str(folder / "labelsTr" / f"{case.name}.nii.gz"))
     dataset_json = {
         "channel_names": {str(k): v for k, v in channel_names.items()},
@@ -279,23 +277,7 @@ def nnunet_output_to_stderr():
     return contextlib.redirect_stdout(_StderrProxy())
 
 
-def context_indices(k: int, n_slices: int, context_slices: int) -> list[int]:
-    """The neighbours of slice k that 2.5D input adds as channels (k-1, k+1, k-2, k+2, ...), repeated at the
-    volume's ends."""
-    out = []
-    for d in range(1, context_slices + 1):
-        out += [max(0, k - d), min(n_slices - 1, k + d)]
-    return out
-
-
-def slice_case(image: sitk.Image, labels: sitk.Image, k: int, name: str, context_slices: int = 0) -> TrainingCase:
-    """A one-slice case cut at index k, keeping its physical geometry; ``context_slices`` neighbours on each side
-    become extra channels on slice k's grid."""
-    centre = image[:, :, k:k + 1]
-    context = []
-    for j in context_indices(k, image.GetSize()[2], context_slices):
-        channel = image[:, :, j:j + 1]
-        channel.CopyInformation(centre)
-        context.append(channel)
-    return TrainingCase(name, centre, labels[:, :, k:k + 1], tuple(context))
+def slice_case(image: sitk.Image, labels: sitk.Image, k: int, name: str) -> TrainingCase:
+    """A one-slice case cut at index k, keeping its physical geometry."""
+    return TrainingCase(name, image[:, :, k:k + 1], labels[:, :, k:k + 1])
 

@@ -89,9 +89,6 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
                         help="nnsam methods with cached embeddings run the encoder on the augmented patches at a "
                         f"random share P of the training steps (default: nnsam train's, {DEFAULT_RECOMPUTE_SHARE:g}; 0: "
                         "the cache at every step)")
-    parser.add_argument("--context-slices", type=int, metavar="N",
-                        help="in-volume: trained methods take N neighbouring slices on each side of a slice as extra "
-                        "input channels (2.5D; default: none)")
     parser.add_argument("--preset", choices=("quick", "full"), default="quick",
                         help="training schedule of every run (quick: 1000 iterations; full: the paper's)")
     parser.add_argument("--iterations", type=int, metavar="N", help="override the preset's iteration count")
@@ -128,8 +125,6 @@ def run_benchmark_command(args) -> int:
         raise NNSAMError("--iterations must be at least 1")
     if args.learning_rate is not None and not 0 < args.learning_rate <= 1:
         raise NNSAMError("--learning-rate must be above 0 and at most 1")
-    if args.context_slices is not None and (args.context_slices < 1 or not args.in_volume):
-        raise NNSAMError("--context-slices needs --in-volume and at least 1")
     if args.downsample < 1:
         raise NNSAMError("--downsample must be a whole number >= 1")
     if any(n < 1 for n in args.sizes) or any(k < 1 for k in args.annotated):
@@ -145,7 +140,7 @@ def run_benchmark_command(args) -> int:
                         split=args.split if not args.in_volume else None,
                         test_fraction=args.test_fraction if not args.in_volume else None, device=args.device,
                         sam_input=args.sam_input, inject_stride=args.inject_stride,
-                        recompute_share=args.recompute_share, context_slices=args.context_slices)
+                        recompute_share=args.recompute_share)
     plan = Plan(settings=settings, methods=list(dict.fromkeys(args.methods)),
                 sizes=sorted(set(args.sizes)) if not args.in_volume else [],
                 annotated=sorted(set(args.annotated)) if args.in_volume else [],

@@ -73,12 +73,11 @@ class Settings:
     sam_input: Optional[str] = None       # SAM input preparation of the nnsam methods; None: the encoder's default
     inject_stride: Optional[int] = None   # skip the nnsam methods inject at; None: the trainer's (1/8, the authors')
     recompute_share: Optional[float] = None  # share of training steps recomputing; None: the trainer's (Plan fixes it)
-    context_slices: Optional[int] = None  # in-volume: neighbouring slices per side as extra channels (2.5D)
 
     # Settings that change only the SAM branch; left unset they are not compared, so report folders written
     # before a setting existed still accept runs.
     SAM_BRANCH_FIELDS = ("sam_input", "inject_stride", "recompute_share")
-    UNSET_NOT_COMPARED = SAM_BRANCH_FIELDS + ("learning_rate", "context_slices")
+    UNSET_NOT_COMPARED = SAM_BRANCH_FIELDS + ("learning_rate",)
 
     def comparable(self) -> dict:
         data = asdict(self)
@@ -473,8 +472,7 @@ def run_in_volume_benchmark(dataset_dir, report_dir, plan: Plan, count: Optional
             else:
                 log(f"[{i}/{len(runs)}] {method} k={k} seed={seed} {volume}: training on slices {slices}")
                 training = {"modality": info.channel_name, "method": method, "encoder": settings.encoder,
-                            "preset": settings.preset, "nnsam_config": settings.nnsam_config(method),
-                            **({"context_slices": settings.context_slices} if settings.context_slices else {})}
+                            "preset": settings.preset, "nnsam_config": settings.nnsam_config(method)}
             bundle = _load_or_train(run_dir / "model", log, image=image, labels=gt, slices=slices,
                                     class_names=info.class_names, iterations=settings.iterations,
                                     learning_rate=settings.learning_rate, device=settings.device, seed=seed,
